@@ -1,0 +1,32 @@
+# Quick start: `make demo` and `make test`. Both create .venv/ on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dpa demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py --preset demo
+
+# Re-pin after editing requirements.in (needs `uv`; seconds, no install).
+lock:
+	uv pip compile --python-version 3.11 requirements.in -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache
