@@ -111,3 +111,11 @@ def test_local_state_dict_file(tmp_path) -> None:
     assert source.description.startswith("file:vgg19.pth:sha256=")
     saved = torch.load(path, weights_only=True)
     assert torch.equal(source.features[0].weight, saved["features.0.weight"])
+
+
+def test_uint8_images_map_to_minus_one_one() -> None:
+    from model.dpa import to_model_range
+
+    y = to_model_range(torch.tensor([0, 127, 255], dtype=torch.uint8))
+    assert y.dtype == torch.float32
+    assert y[0] == -1.0 and y[2] == 1.0 and abs(y[1]) < 0.01

@@ -1,0 +1,157 @@
+"""The single image decoder of the project: every file becomes an 8-bit PIL image (mode L or RGB).
+
+Training, evaluation, validation and serving all read pixels through `read_image`, so a format
+quirk is handled in exactly one place. Rules for data that are not 8-bit already:
+
+- 16-bit or 32-bit PNG/TIFF and non-uint8 NPY arrays are stretched per image from their min..max to
+  0..255 (a constant image becomes all zeros, which the validation gate reports). Medical 16-bit
+  files rarely use the whole 16-bit range (12-bit detectors), so scaling by the dtype range would
+  leave them nearly black.
+- DICOM follows its header instead (modality LUT, VOI LUT/window, photometric interpretation): see
+  `data_layer.dicom`.
+
+Every failure raises `ImageReadError` naming the file: nothing is skipped or half-decoded (PIL's
+LOAD_TRUNCATED_IMAGES is never used), and images above `max_pixels` are refused from their header,
+before their pixels are decoded (decompression-bomb guard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""64 megapixels: above the largest clinical radiographs (about 4k x 5k), far below memory trouble."""
+
+PNG_COMPRESS_LEVEL = 6
+"""Fixed zlib level so that the same pixels always give the same PNG bytes (and DVC hash)."""
+
+_GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+class ImageReadError(ValueError):
+    """A file cannot be decoded into an image; the message names the file and what to do."""
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode any supported file into an 8-bit PIL image of mode L or RGB."""
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ImageReadError(
+            f"{path}: unsupported file type {path.suffix!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}. Convert the file or remove it."
+        )
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found. Restore it or remove its manifest row.")
+    with decoding(path):
+        return reader(path, max_pixels)
+
+
+@contextmanager
+def decoding(path: Path, *extra_errors: type[BaseException]) -> Iterator[None]:
+    """Turn any decoder failure into an `ImageReadError` that names the file."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except (
+        OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+        Image.DecompressionBombError, *extra_errors,
+    ) as exc:
+        raise ImageReadError(
+            f"{path}: cannot decode ({type(exc).__name__}: {exc}). The file is corrupt, truncated "
+            "or not what its suffix says: re-export it from the source or remove it."
+        ) from exc
+
+
+def check_pixel_count(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image from its header size, before its pixels are decoded."""
+    if width * height > max_pixels:
+        raise ImageReadError(
+            f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (decompression-bomb guard). Downscale the image, or raise max_pixels "
+            "if the file is trusted."
+        )
+
+
+def scale_to_uint8(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto 0..255 (clipping outside); a degenerate range gives zeros."""
+    if not high > low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    scaled = (array.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """HxW or HxWx1 -> mode L, HxWx3 -> RGB; non-uint8 data is stretched min..max to 8 bits."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise ValueError(f"expected an HxW, HxWx1 or HxWx3 array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.isfinite(array).all():
+            raise ValueError("array contains NaN or infinite values")
+        array = scale_to_uint8(array, float(array.min()), float(array.max()))
+    return Image.fromarray(np.ascontiguousarray(array), mode="L" if array.ndim == 2 else "RGB")
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """sha256 of the decoded pixels (mode, size and bytes): equal images hash equal across formats."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def write_png(image: Image.Image, path: Path) -> None:
+    """Save as PNG with fixed settings, so identical pixels always give identical bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+
+
+def _read_pil(path: Path, max_pixels: int) -> Image.Image:
+    with Image.open(path) as image:
+        check_pixel_count(path, image.width, image.height, max_pixels)
+        image.load()
+        return _to_8bit(image)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    if image.mode in ("L", "RGB"):
+        return image.copy()
+    if image.mode in ("1", "LA"):
+        return image.convert("L")
+    if image.mode in _GRAYSCALE_MODES:
+        return array_to_image(np.asarray(image))
+    return image.convert("RGB")
+
+
+def _read_npy(path: Path, max_pixels: int) -> Image.Image:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if array.ndim < 2:
+        raise ValueError(f"expected an HxW, HxWx1 or HxWx3 array, got shape {array.shape}")
+    check_pixel_count(path, array.shape[1], array.shape[0], max_pixels)
+    return array_to_image(np.array(array))
+
+
+def _read_dicom(path: Path, max_pixels: int) -> Image.Image:
+    # Imported here: dicom.py builds on this module's helpers, and pydicom loads only when needed.
+    from data_layer.dicom import read_dicom
+
+    return read_dicom(path, max_pixels)
+
+
+_READERS: dict[str, Callable[[Path, int], Image.Image]] = {
+    **dict.fromkeys((".png", ".jpg", ".jpeg", ".tif", ".tiff"), _read_pil),
+    ".npy": _read_npy,
+    ".dcm": _read_dicom,
+    ".dicom": _read_dicom,
+}
+SUPPORTED_SUFFIXES = frozenset(_READERS)
