@@ -145,6 +145,7 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     checkpoint_every: int = Field(0, description="save a resumable checkpoint every N iterations (0: only at the end)")
     log_every: int = 10
     score_batch_size: int = 32

@@ -13,7 +13,7 @@ def _batched(dpa: DPA, images: torch.Tensor, batch_size: int, fn) -> torch.Tenso
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     dpa.eval()
     out = []
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, dpa.cfg.train.bf16):
         for batch in images.split(batch_size):
             out.append(fn(batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)

@@ -49,9 +49,9 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; full precision on CPU (bf16 there is slow and changes results)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -156,7 +156,7 @@ class Trainer:
         if self.optimizer is None:  # a new Adam at every stage, as the reference does
             self.optimizer = self._new_optimizer()
         alpha = stage.alpha(self.step_in_stage)
-        with autocast(self.device):
+        with autocast(self.device, self.cfg.train.bf16):
             loss = self.dpa.stage_loss(self._batch(), stage, alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,21 @@
+"""Batch scoring (DESIGN.md §4): load a registered DPA (by default the champion), score a folder,
+a dataset or a DICOM directory, write scores.csv and heat maps, publish a summary in the Prefect UI."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.scoring import publish_scoring_summary, score_inputs_task
+
+DEFAULT_MODEL_URI = "models:/dpa-phantoms@champion"
+"""The demo preset's registered model (registry.model_name) at its champion alias."""
+
+
+@flow(name="dpa-batch-scoring", log_prints=True)
+def batch_scoring(input: str, out: str, model_uri: str = DEFAULT_MODEL_URI, heatmaps: bool = True) -> str:
+    """Score every image under `input` (folder, dataset dir with manifest.csv, or DICOM dir) with
+    `model_uri`; write `out/scores.csv` and, with `heatmaps`, `out/heatmaps/`. Returns the CSV path."""
+    scores_csv = score_inputs_task(model_uri, input, out, heatmaps)
+    for row in publish_scoring_summary(scores_csv, model_uri):
+        print(f"{row['metric']}: {row['value']}")
+    return str(scores_csv)

@@ -1,0 +1,190 @@
+"""Batch scoring with a registered DPA: a folder, a dataset (manifest.csv) or a DICOM directory in,
+`scores.csv` and heat-map PNGs out.
+
+Files go through the loaded pyfunc model's own decode → preprocess → score path, so batch scores
+equal served scores. A file that cannot be read or preprocessed is never dropped: its row in
+`scores.csv` has an empty score and the reason in the `error` column, the run logs it as a
+warning, and the summary counts it; the other files are still scored.
+
+scores.csv columns: `path` (relative to the input; the manifest path for a dataset),
+`anomaly_score`, `is_anomaly`, `label` (only for a manifest), `heatmap` (the PNG under
+`heatmaps/`, see `tasks.mlflow_model` for its grey scale) and `error`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import torch
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from data_layer.dicom import read_dicom
+from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, read_image
+from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path, select
+from tasks.evaluation import binary_labels
+from tasks.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
+
+SCORES_CSV, HEATMAP_DIR = "scores.csv", "heatmaps"
+ERROR, FILE = "error", "file"
+CHUNK = 64
+"""Images decoded and scored together: bounds memory, keeps batches big enough for a GPU."""
+_NOT_IMAGES = frozenset({"DICOMDIR"})
+
+log = logging.getLogger(__name__)
+
+
+def list_inputs(input: str | Path) -> pd.DataFrame:
+    """The files to score (`file`: absolute path, `path`: as reported; `label` for a manifest).
+
+    A directory with manifest.csv is a dataset; any other directory is searched recursively for
+    supported suffixes and for suffix-less DICOM files (as PACS exports write them).
+    """
+    root = Path(input)
+    if (root / MANIFEST_NAME).is_file():
+        manifest = read_manifest(root)
+        files = [resolve_path(root, p) for p in manifest[PATH]]
+        inputs = pd.DataFrame({FILE: files, PATH: manifest[PATH].tolist(), LABEL: manifest[LABEL].tolist()})
+    elif root.is_file():
+        inputs = pd.DataFrame({FILE: [root], PATH: [root.name]})
+    elif root.is_dir():
+        files = [f for f in sorted(root.rglob("*")) if f.is_file() and _is_image_file(f)]
+        inputs = pd.DataFrame({FILE: files, PATH: [f.relative_to(root).as_posix() for f in files]})
+    else:
+        raise FileNotFoundError(
+            f"{root}: no such file or directory. Give a folder of images, a dataset directory with "
+            f"{MANIFEST_NAME}, or a DICOM directory."
+        )
+    if inputs.empty:
+        raise FileNotFoundError(
+            f"{root}: no image files found (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))}, "
+            f"DICOM files without a suffix, or {MANIFEST_NAME} rows)."
+        )
+    return inputs
+
+
+def _is_image_file(file: Path) -> bool:
+    if file.suffix.lower() in SUPPORTED_SUFFIXES:
+        return True
+    return file.name not in _NOT_IMAGES and not file.name.startswith(".") and _has_dicom_magic(file)
+
+
+def _has_dicom_magic(file: Path) -> bool:
+    with file.open("rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
+def read_input(file: Path) -> Image.Image:
+    """`read_image`, plus DICOM files without a `.dcm` suffix."""
+    return read_image(file) if file.suffix.lower() in SUPPORTED_SUFFIXES else read_dicom(file)
+
+
+def iter_scores(
+    scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool, chunk_size: int = CHUNK
+) -> Iterator[pd.DataFrame]:
+    """Score `files` chunk by chunk: one frame per chunk, a row per file (index = position in `files`)."""
+    for start in range(0, len(files), chunk_size):
+        chunk = files[start : start + chunk_size]
+        yield _score_chunk(scorer, chunk, heatmaps).set_axis(range(start, start + len(chunk)))
+
+
+def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> pd.DataFrame:
+    images, errors = [], []
+    for file in files:
+        try:
+            images.append(scorer.prepare([read_input(file)]))
+            errors.append("")
+        except ImageReadError as exc:
+            errors.append(str(exc))
+        except ValueError as exc:
+            errors.append(f"{file}: cannot preprocess ({exc}); check it against the model's preprocessing config")
+    frame = pd.DataFrame({ERROR: errors})
+    if images:
+        scored = scorer.score(torch.cat(images), heatmap=heatmaps)
+        frame = frame.join(scored.set_axis(frame.index[frame[ERROR] == ""]))
+    return frame.reindex(columns=[SCORE, IS_ANOMALY, *([HEATMAP] if heatmaps else []), ERROR])
+
+
+def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True) -> Path:
+    """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`)."""
+    inputs = list_inputs(input)
+    scorer = load_dpa_scorer(model_uri)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for frame in iter_scores(scorer, list(inputs[FILE]), heatmaps):
+        if heatmaps:
+            frame[HEATMAP] = [_write_heatmap(out_dir, inputs.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
+        frames.append(frame)
+    results = pd.concat([inputs.drop(columns=FILE), pd.concat(frames)], axis=1)
+    columns = [PATH, SCORE, IS_ANOMALY] + [c for c in (LABEL, HEATMAP, ERROR) if c in results.columns]
+    csv = out_dir / SCORES_CSV
+    results[columns].to_csv(csv, index=False)
+    for path, error in results.loc[results[ERROR] != "", [PATH, ERROR]].itertuples(index=False):
+        log.warning("not scored: %s: %s", path, error)
+    return csv
+
+
+def _write_heatmap(out_dir: Path, path: str, cell: object) -> str:
+    """Write one heat map, mirroring the input's layout; '' for an unscored row (no map)."""
+    if not isinstance(cell, str):
+        return ""
+    rel = Path(HEATMAP_DIR) / f"{path}.heatmap.png"
+    (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / rel).write_bytes(base64.b64decode(cell))
+    return rel.as_posix()
+
+
+def summarize(scores_csv: Path) -> list[dict[str, str]]:
+    """Metric/value rows of a scores.csv: counts, score range, and AUROC when labels allow it."""
+    results = pd.read_csv(scores_csv, keep_default_na=False, dtype={ERROR: str, LABEL: str})
+    scored = results[results[ERROR] == ""]
+    scores = scored[SCORE].astype(float)
+    rows = {
+        "images": len(results),
+        "scored": len(scored),
+        "not scored (see error column)": len(results) - len(scored),
+        "flagged anomalous": int((scored[IS_ANOMALY].astype(str) == "True").sum()),
+    }
+    if len(scores):
+        rows["score median [min, max]"] = f"{scores.median():.4g} [{scores.min():.4g}, {scores.max():.4g}]"
+    if LABEL in scored and scored[LABEL].nunique() == 2:
+        rows["AUROC (manifest labels)"] = f"{roc_auc_score(binary_labels(scored[LABEL]), scores):.4f}"
+    return [{"metric": key, "value": str(value)} for key, value in rows.items()]
+
+
+def auroc_rescorer(dataset_dir: str | Path) -> Callable[[str], float]:
+    """`rescore(model_uri) -> AUROC` on the test split of a dataset, read from its files, so a
+    champion with another preprocessing config is scored exactly as it would serve."""
+    test = select(read_manifest(dataset_dir), split="test")
+    files = [resolve_path(dataset_dir, p) for p in test[PATH]]
+
+    def rescore(model_uri: str) -> float:
+        frames = pd.concat(iter_scores(load_dpa_scorer(model_uri), files, heatmaps=False))
+        failed = frames[frames[ERROR] != ""]
+        if len(failed):
+            first = "; ".join(failed[ERROR][:5])
+            raise ImageReadError(f"re-scoring {model_uri} failed on {len(failed)} test file(s): {first}")
+        return float(roc_auc_score(binary_labels(test[LABEL]), frames[SCORE].astype(float)))
+
+    return rescore
+
+
+@task(name="score-images", cache_policy=NO_CACHE)
+def score_inputs_task(model_uri: str, input: str, out: str, heatmaps: bool = True) -> Path:
+    return score_inputs(model_uri, input, out, heatmaps)
+
+
+@task(name="publish-scoring-summary", cache_policy=NO_CACHE)
+def publish_scoring_summary(scores_csv: Path, model_uri: str) -> list[dict[str, str]]:
+    """The summary as a Prefect table artifact: what a person checks first after a batch."""
+    rows = summarize(scores_csv)
+    create_table_artifact(rows, key="batch-scoring-summary", description=f"{model_uri} → {scores_csv}")
+    return rows

@@ -1,0 +1,63 @@
+"""MLflow tracking conventions (DESIGN.md §5): where runs go, what every run is tagged with."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from model.trainer import StepInfo
+from tasks.config import PROJECT_ROOT, project_dir
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the embedded SQLite store in the project directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
+def configure_tracking() -> str:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id; created with project-local artifacts when the embedded store is used."""
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_dir() / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class MetricsLogger:
+    """A `model.trainer` callback that logs the training curve to one MLflow run (explicit run id:
+    Prefect may run a task in another thread than the one that started the run)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def __call__(self, info: StepInfo) -> None:
+        metrics = {"train_loss": info.loss, "train_images_per_s": info.images_per_sec, "pg_stage": info.stage_index}
+        if info.alpha is not None:
+            metrics["pg_alpha"] = info.alpha
+        self.client.log_batch(
+            self.run_id,
+            metrics=[mlflow.entities.Metric(k, float(v), int(mlflow.utils.time.get_current_time_millis()), info.iteration)
+                     for k, v in metrics.items()],
+        )

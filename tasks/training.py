@@ -1,0 +1,20 @@
+"""Train the DPA on the normal training images, logging the curve to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from model.config import DPAConfig
+from model.dpa import DPA
+from model.trainer import train_dpa
+from tasks.tracking import MetricsLogger
+
+
+@task(name="train-dpa", cache_policy=NO_CACHE)
+def train(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path, run_id: str) -> DPA:
+    """No retries here: a crash resumes from the checkpoint when the same run is started again."""
+    return train_dpa(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
