@@ -93,8 +93,8 @@ class RemoteSettings(BaseSettings):
 
 
 def init_repo(root: str | Path, remote: RemoteSettings | None = None) -> None:
-    """`dvc init` once (`root` must be a git repository; DVC commits nothing itself) and make
-    sure `commit_dataset` has somewhere to push.
+    """`dvc init` once and make sure `commit_dataset` has somewhere to push. Outside a git
+    repository (a bare project directory on a worker) DVC runs without SCM (`--no-scm`).
 
     The remote is, in order: `remote` (the project's choice, committed); `RemoteSettings()` from
     DPA_DVC_* variables when any is set (this machine only, in `.dvc/config.local`, so the
@@ -102,7 +102,8 @@ def init_repo(root: str | Path, remote: RemoteSettings | None = None) -> None:
     """
     root = Path(root)
     if not (root / ".dvc").is_dir():
-        _dvc(root, "init", "--quiet")
+        in_git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True).returncode == 0
+        _dvc(root, "init", "--quiet", *([] if in_git else ["--no-scm"]))
     if remote is not None:
         configure_remote(root, remote)
     elif any(name.startswith(ENV_PREFIX) for name in os.environ):

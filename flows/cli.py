@@ -101,13 +101,21 @@ def data_import(
     kind: Annotated[str, typer.Argument(help="folder | csv | medmnist | cifar10 | svhn | nih | camelyon16")],
     out: Annotated[Path, typer.Option(help="output dataset directory")],
     overrides: OverrideOpt = None,
+    activate: Annotated[bool, typer.Option(help="validate, then make it the project's DVC-versioned data/ (dvc add + push)")] = False,
 ) -> None:
     """Import a source into the manifest format; importer options via --set (see README)."""
-    from tasks.config import DataSource
+    from data_layer.validation import ensure_valid
+    from data_layer.versioning import commit_dataset, init_repo
+    from tasks.config import DataSource, project_dir
     from tasks.data import import_to
 
     source = DataSource.model_validate({"importer": kind, **parse_overrides(overrides)})
-    typer.echo(f"wrote {import_to(source, out)}")
+    dataset = import_to(source, out)
+    typer.echo(f"wrote {dataset}")
+    if activate:
+        ensure_valid(dataset, report_dir=dataset.parent / f"{dataset.name}-validation")
+        init_repo(project_dir())
+        typer.echo(f"data version {commit_dataset(project_dir(), dataset)} is now {project_dir() / 'data'}")
 
 
 @data_app.command("validate")

@@ -26,7 +26,7 @@ from tasks.evaluation import evaluate
 from tasks.preprocessing import preprocess
 from tasks.registry import promote_model, register_model
 from tasks.scoring import auroc_rescorer
-from tasks.tracking import configure_tracking, ensure_experiment, git_commit
+from tasks.tracking import configure_tracking, ensure_experiment, git_commit, tracking_ui_url
 from tasks.training import train
 from tasks.validation import validate
 
@@ -114,6 +114,6 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         auroc_ci=(evaluation.metrics.auroc_ci_low, evaluation.metrics.auroc_ci_high), promoted=decision.promoted,
         decision=decision.summary,
     )
-    publish(summary, f"{mlflow.get_tracking_uri()}#/experiments/{run.info.experiment_id}/runs/{run_id}")
+    publish(summary, f"{tracking_ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     print(f"test AUROC {summary.auroc:.4f} (95% CI {summary.auroc_ci[0]:.4f}–{summary.auroc_ci[1]:.4f}); {decision.summary}")
     return asdict(summary)

@@ -172,7 +172,7 @@ class Trainer:
     def fit(self, until: int | None = None) -> DPA:
         """Train to the end of the schedule, or up to global iteration `until`, from the current state."""
         self.dpa.train()
-        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not self.progress, desc="DPA")
+        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=not self.progress, desc="DPA", mininterval=2.0)
         window_start, window_images = time.perf_counter(), 0
         while self.stage_index < len(self.stages) and (until is None or self.iteration < until):
             stage, stage_index = self.stages[self.stage_index], self.stage_index

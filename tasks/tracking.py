@@ -17,6 +17,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlflow.db'}"
 
 
+def tracking_ui_url() -> str:
+    """The MLflow UI that shows these runs: the tracking server, or `mlflow ui`'s default address."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+
+
 def configure_tracking() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

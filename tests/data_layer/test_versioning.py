@@ -59,6 +59,15 @@ def test_init_is_idempotent_and_defaults_to_a_portable_local_remote(
     assert (tmp_path / ".dvc" / "config").read_text() == config
 
 
+def test_a_project_directory_outside_git_works_without_scm(tmp_path: Path) -> None:
+    root = tmp_path / "bare-project"
+    root.mkdir()
+    init_repo(root, RemoteSettings(path=tmp_path / "remote"))
+    version = commit_dataset(root, stage(tmp_path / "v1", seed=3))
+    wipe_local_copies(root)
+    assert resolve_dataset(root) == version
+
+
 def wipe_local_copies(root: Path) -> None:
     shutil.rmtree(root / "data")
     shutil.rmtree(root / ".dvc" / "cache")

@@ -1,0 +1,168 @@
+"""The few-anomaly hyperparameter search (dpa_method.md §6, DESIGN.md §8), read top to bottom:
+
+resolve data → train/val view → preprocess (no test image is ever decoded) → folds + validation
+anomalies → study (resumed when it exists) → trials fanned out through a task runner →
+leaderboard, plot and best config on the parent MLflow run → optionally the training flow on the
+best config (all normal training data, test evaluation, registration, promotion gate).
+
+Trials are asked from the study here, in the flow's thread, and only then submitted: two workers
+can never draw the same grid point. One search runs a given study at a time (the `tune`
+deployment's concurrency limit); a restart fails the trials a dead run left RUNNING and reruns them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import TrialState
+from prefect import flow
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from pydantic import Field
+
+from flows.training import resolve_data, training_pipeline
+from tasks.config import DataSource, PipelineParams, project_dir, resolve_run_config
+from tasks.preprocessing import preprocess
+from tasks.tracking import configure_tracking, ensure_experiment
+from tasks.tuning import (
+    CVPlan,
+    SearchData,
+    SearchSpace,
+    best_config,
+    build_trainval_view,
+    leaderboard,
+    load_search_space,
+    open_study,
+    plan_cross_validation,
+    point_key,
+    publish_search,
+    record_failure,
+    record_result,
+    requeue_unfinished,
+    run_trial,
+    search_run,
+    study_storage_url,
+    trial_configs,
+)
+
+TPE_DEFAULT_TRIALS = 20
+CLUSTER_RUNNERS = {"dask": ("prefect_dask", "DaskTaskRunner", "prefect-dask"), "ray": ("prefect_ray", "RayTaskRunner", "prefect-ray")}
+
+
+class TuningParams(PipelineParams):
+    """What a person chooses when starting a search: the base preset (+ overrides, data source),
+    the search space, the validation protocol, the study and where trials run."""
+
+    search_space: str = Field("ladder", description="a file in configs/search_spaces/ (by name) or a path to a .yaml file")
+    search_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="dotted keys into the search space, e.g. {'max_iters': 5000, 'progressive': [false]}"
+    )
+    folds: int = Field(3, ge=2, description="cross-validation folds over the normal training images (grouped by patient)")
+    val_anomaly_type: str = Field(description="anomaly_type of the validation anomalies (train/val abnormal images only)")
+    n_anomalies: int = Field(50, ge=1, description="at most this many validation anomalies")
+    sampler: Literal["grid", "tpe"] = Field("grid", description="grid search (the paper's practice) or Optuna's TPE")
+    n_trials: int | None = Field(
+        None, ge=1, description=f"complete trials wanted in the study; default: every grid point (grid), {TPE_DEFAULT_TRIALS} (tpe)"
+    )
+    study_name: str | None = Field(None, description="rerun with the same name to resume; default: <preset>-<val_anomaly_type>")
+    study_storage: str | None = Field(None, description="study database URL; default: $DPA_STUDY_STORAGE or optuna.db beside mlflow.db")
+    task_runner: Literal["threads", "processes", "dask", "ray"] = Field("threads", description="where trials run")
+    max_workers: int = Field(2, ge=1, description="trials running at the same time")
+    cluster_address: str | None = Field(None, description="Dask scheduler or Ray address (task_runner dask/ray); none: a local cluster")
+    seed: int = Field(0, description="folds, the anomaly sample and the sampler")
+    train_best: bool = Field(False, description="then train, evaluate, register and gate the best configuration")
+
+
+def make_task_runner(kind: str, max_workers: int, cluster_address: str | None = None) -> TaskRunner:
+    """Threads or processes locally; Dask or Ray (optional packages, imported only when asked for)."""
+    if kind in CLUSTER_RUNNERS:
+        module, name, package = CLUSTER_RUNNERS[kind]
+        try:
+            runner = getattr(importlib.import_module(module), name)
+        except ImportError:
+            raise RuntimeError(f"task_runner={kind!r} needs the {package} package: pip install {package}") from None
+        return runner(address=cluster_address)
+    if cluster_address:
+        raise ValueError(f"cluster_address is for task_runner 'dask' or 'ray', not {kind!r}")
+    return ThreadPoolTaskRunner(max_workers) if kind == "threads" else ProcessPoolTaskRunner(max_workers)
+
+
+def protocol(params: TuningParams, space: SearchSpace, data_version: str) -> dict[str, Any]:
+    """What makes two trials' AUROCs comparable; a study only resumes under the same protocol."""
+    return {
+        "preset": params.preset, "overrides": params.overrides, "data_version": data_version,
+        "search_space": space.model_dump(mode="json"), "folds": params.folds, "sampler": params.sampler,
+        "val_anomaly_type": params.val_anomaly_type, "n_anomalies": params.n_anomalies, "seed": params.seed,
+    }
+
+
+def run_trials(study: optuna.Study, distributions: dict[str, Any], launch: Callable[[optuna.Trial], PrefectFuture],
+               max_workers: int, target: int) -> None:
+    """Keep `max_workers` trials running until the study has `target` complete trials (a trial
+    that fails here is recorded and left for the next restart, not retried in a loop)."""
+    budget = target - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    running: dict[PrefectFuture, optuna.Trial] = {}
+    while budget > 0 or running:
+        while budget > 0 and len(running) < max_workers:
+            trial = study.ask(distributions)
+            running[launch(trial)] = trial
+            budget -= 1
+        future = next(as_completed(list(running)))
+        trial = running.pop(future)
+        try:
+            record_result(trial, future.result())
+        except Exception as exc:  # a diverged or crashed trial must not stop the others
+            record_failure(trial, exc)
+            print(f"trial {trial.number} {trial.params} failed: {exc}")
+
+
+@flow(name="dpa-tuning", log_prints=True)
+def tuning_pipeline(params: TuningParams) -> dict:
+    """Cross-validated few-anomaly search; with `train_best`, the winner goes through the training flow."""
+    cfg = resolve_run_config(params)
+    space = load_search_space(params.search_space, params.search_overrides)
+    configs = trial_configs(params, space, cfg)
+    project = project_dir()
+    dataset = resolve_data(cfg, project, project / ".dpa" / "reports" / time.strftime("%Y%m%d-%H%M%S"))
+    view = build_trainval_view(dataset.path, project / ".dpa" / "tuning" / dataset.version)
+    data = SearchData(view, cfg.preprocess, project / ".dpa" / "cache", dataset.version)
+    plan: CVPlan = plan_cross_validation(
+        preprocess(view, cfg.preprocess, data.cache_dir, dataset.version).manifest,
+        params.folds, params.val_anomaly_type, params.n_anomalies, params.seed,
+    )
+    study_name = params.study_name or f"{cfg.preset}-{params.val_anomaly_type}"
+    study = open_study(study_name, study_storage_url(params.study_storage), space, params.sampler,
+                       protocol(params, space, dataset.version), params.seed)
+    requeued = requeue_unfinished(study)
+    if requeued:
+        print(f"study {study_name!r}: rerunning unfinished trials {requeued}")
+    n_points = len(configs)
+    target = min(params.n_trials or n_points, n_points) if params.sampler == "grid" else params.n_trials or TPE_DEFAULT_TRIALS
+    configure_tracking()
+    experiment_id = ensure_experiment(f"{cfg.experiment or cfg.preset}-tuning")
+    with search_run(experiment_id, study_name, study.user_attrs["protocol"]) as parent_run_id:
+        shared = {"stopping": space.stopping, "data": data, "plan": plan, "experiment_id": experiment_id, "parent_run_id": parent_run_id}
+        with make_task_runner(params.task_runner, params.max_workers, params.cluster_address) as runner:
+            def launch(trial: optuna.Trial) -> PrefectFuture:
+                cfg_of_point = configs[point_key(trial.params)]
+                return runner.submit(run_trial, {"number": trial.number, "point": trial.params, "cfg": cfg_of_point, **shared})
+
+            run_trials(study, space.distributions(), launch, params.max_workers, target)
+        board = leaderboard(study)
+        if board.empty:
+            raise RuntimeError(f"no trial of study {study_name!r} completed; their errors are in the trials' user attrs")
+        best = best_config(study, space, cfg, params.overrides)
+        publish_search(board, best, space, len(plan.anomaly_rows))
+    print(f"best: trial {best.trial} {best.point}, mean CV AUROC {best.mean_cv_auroc:.4f} over {len(plan.folds)} folds")
+    summary = {"study": study_name, "data_version": dataset.version, "parent_run_id": parent_run_id, "n_complete": len(board),
+               "best": asdict(best)}
+    if params.train_best:  # on the versioned data/ the folds came from, not a fresh import that could differ
+        summary["training"] = training_pipeline(
+            PipelineParams(preset=best.preset, overrides=best.overrides, dataset=DataSource(importer="dvc"), model_name=params.model_name)
+        )
+    return summary

@@ -1,0 +1,143 @@
+"""Real processes for the integration tests: PostgreSQL databases, a Prefect server on PostgreSQL,
+CLI calls against it, and a tiny training configuration that runs in seconds on a 2-core CPU.
+
+The Prefect server starts once per session (it takes ~20 s) on 127.0.0.1 with its own
+PREFECT_HOME and a fresh PostgreSQL database that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from tests.servers import Server, running_server
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A fresh, uniquely named database on the local PostgreSQL, dropped (forcibly) on exit."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _admin(statement: sql.Composable) -> None:
+    connection = psycopg2.connect(dbname="postgres", **POSTGRES)
+    connection.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+def postgres_url(database: str, driver: str = "postgresql") -> str:
+    return f"{driver}://{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{database}"
+
+
+def run_command(args: list[str], env: Mapping[str, str], *, cwd: Path = REPO, timeout: float = 300) -> str:
+    """Run a command with exactly `env` to completion; fail the test with its output when it exits non-zero."""
+    completed = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, f"`{' '.join(args)}` exited {completed.returncode}:\n{output[-6000:]}"
+    return output
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    server: Server
+    home: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.server.url}/api"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client process (CLI, worker, flow run) needs to talk to this server."""
+        return {
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_CLI_PROMPT": "false",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def cli(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> str:
+        """`prefect <args>` against this server, run from the repository root."""
+        return run_command([str(BIN / "prefect"), *args], {**os.environ, **self.env, **(env or {})}, timeout=timeout)
+
+    def api(self, method: str, path: str, payload: Any = None) -> Any:
+        """One REST call, as the UI makes it."""
+        response = httpx.request(method, f"{self.api_url}{path}", json=payload, timeout=30)
+        assert response.is_success, f"{method} {path} -> {response.status_code}: {response.text}"
+        return response.json()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """`prefect server start` on PostgreSQL (asyncpg). The scheduler service is off, so no
+    scheduled run is created behind a test's back; schedules are still stored and checked."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with postgres_database("prefect") as database:
+        env = {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(database, "postgresql+asyncpg"),
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        }
+        command = [str(BIN / "prefect"), "server", "start", "--host", "{host}", "--port", "{port}"]
+        with running_server(command, "/api/health", env=env, log_file=home / "server.log", timeout=120) as server:
+            yield PrefectServer(server, home)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty project directory (DPA_PROJECT_DIR) for data/, caches and DVC: a git repository,
+    as the checkout it stands in for."""
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
+    return root
+
+
+def tiny_training(model_name: str, **overrides: Any) -> dict[str, Any]:
+    """PipelineParams (as JSON) for a demo run scaled down to seconds: 16×16 phantoms, a small
+    DPA with random VGG weights, 5 iterations."""
+    return {
+        "preset": "demo",
+        "model_name": model_name,
+        "dataset": {"importer": "phantoms", "n_train_normal": 40, "n_val_normal": 10, "n_test_normal": 20,
+                    "n_val_abnormal": 10, "n_test_abnormal": 20, "size": 32, "seed": 0},
+        "overrides": {
+            "preprocess.size": 16,
+            "dpa.network.max_res": 16,
+            "dpa.network.enc_channels": {"16": 8, "8": 8, "4": 8},
+            "dpa.network.dec_channels": {"4": 8, "8": 8, "16": 8},
+            "dpa.loss.layers": {"16": {"r12": 1.0}},
+            "dpa.loss.vgg_weights": "random",
+            "dpa.train.stab_iters": 5,
+            "dpa.train.batch_size": 8,
+            **overrides,
+        },
+    }
