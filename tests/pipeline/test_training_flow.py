@@ -1,0 +1,81 @@
+"""The training flow end to end, in process: temporary Prefect server, SQLite MLflow, a tiny run.
+
+What a user relies on: a run is fully tracked and registered; a bad dataset stops at the gate,
+registers nothing and leaves the previous data version in place; a second run gets a decision.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from data_layer.validation import DataValidationError
+from tests.integration.conftest import tiny_training
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
+    monkeypatch.setenv("DPA_PROJECT_DIR", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    for name in ("DPA_DVC_KIND", "DPA_DVC_BUCKET", "DPA_DVC_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+def run_flow(params: dict):
+    from flows.training import training_pipeline
+    from tasks.config import PipelineParams
+
+    return training_pipeline(PipelineParams.model_validate(params))
+
+
+def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(project: Path) -> None:
+    name = f"flow-{uuid.uuid4().hex[:8]}"
+    first = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
+    assert first["version"] == "1" and first["promoted"]
+
+    client = MlflowClient()
+    run = client.get_run(first["run_id"])
+    assert run.data.tags["data_version"] == first["data_version"] == (project / "data.dvc").read_text().split("md5: ")[1][:32]
+    assert run.data.tags["vgg_weights"] == "random:seed=0" and run.data.tags["device"] == "cpu"
+    assert run.data.params["dpa.train.stab_iters"] == "5"
+    for metric in ("test_auroc", "test_auprc", "test_auroc_ci_low", "test_auroc_ci_high", "train_loss"):
+        assert metric in run.data.metrics, metric
+    assert len(client.get_metric_history(first["run_id"], "train_loss")) >= 1
+    logged = {a.path for a in client.list_artifacts(first["run_id"])}
+    assert {"config", "validation", "evaluation"} <= logged, logged
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == "1" and champion.run_id == first["run_id"]
+
+    second = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
+    assert second["version"] == "2" and second["data_version"] == first["data_version"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert any("decision" in key for key in tags), tags
+    expected_champion = "2" if second["promoted"] else "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == expected_champion
+
+
+def test_a_bad_dataset_stops_at_the_gate_registers_nothing_and_keeps_the_data_version(project: Path) -> None:
+    name = f"flow-{uuid.uuid4().hex[:8]}"
+    run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
+    pointer = (project / "data.dvc").read_text()
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+
+    bad = tiny_training(name)
+    bad["dataset"]["n_train_normal"] = 3  # below the gate's minimum of training normals
+    with pytest.raises(DataValidationError, match="train"):
+        run_flow(bad)
+
+    assert (project / "data.dvc").read_text() == pointer
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'")] == ["1"]
