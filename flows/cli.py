@@ -71,6 +71,40 @@ def demo() -> None:
 
 
 @app.command()
+def tune(
+    val_anomaly_type: Annotated[str, typer.Option(help="anomaly_type of the few validation anomalies (train/val only)")],
+    preset: Annotated[str, typer.Option(help="base preset in configs/")] = "demo",
+    overrides: OverrideOpt = None,
+    n_anomalies: Annotated[int, typer.Option(help="at most this many validation anomalies")] = 50,
+    folds: Annotated[int, typer.Option(help="cross-validation folds, grouped by patient")] = 3,
+    search_space: Annotated[str, typer.Option(help="configs/search_spaces/<name>.yaml or a path")] = "ladder",
+    search_set: Annotated[Optional[list[str]], typer.Option(help="override the search space: key=YAML value")] = None,
+    sampler: Annotated[str, typer.Option(help="grid (the paper's practice) or tpe")] = "grid",
+    n_trials: Annotated[Optional[int], typer.Option(help="complete trials wanted (default: the whole grid)")] = None,
+    study: Annotated[Optional[str], typer.Option(help="study name; rerun with the same name to resume")] = None,
+    study_storage: Annotated[Optional[str], typer.Option(help="study database URL")] = None,
+    runner: Annotated[str, typer.Option(help="threads | processes | dask | ray")] = "threads",
+    workers: Annotated[int, typer.Option(help="trials running at the same time")] = 2,
+    cluster_address: Annotated[Optional[str], typer.Option(help="Dask scheduler / Ray address")] = None,
+    seed: int = 0,
+    train_best: Annotated[bool, typer.Option(help="then train, register and gate the best configuration")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="data source as JSON")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="registered model name for --train-best")] = None,
+) -> None:
+    """The paper's few-anomaly hyperparameter search (cross-validated, parallel, resumable)."""
+    from flows.tuning import TuningParams, tuning_pipeline
+
+    base = _params(preset, overrides, dataset, model_name)
+    params = TuningParams(
+        **base.model_dump(), val_anomaly_type=val_anomaly_type, n_anomalies=n_anomalies, folds=folds,
+        search_space=search_space, search_overrides=parse_overrides(search_set), sampler=sampler, n_trials=n_trials,
+        study_name=study, study_storage=study_storage, task_runner=runner, max_workers=workers,
+        cluster_address=cluster_address, seed=seed, train_best=train_best,
+    )
+    typer.echo(json.dumps(tuning_pipeline(params), indent=2, default=str))
+
+
+@app.command()
 def score(
     model: Annotated[str, typer.Option(help="MLflow model URI")] = "models:/dpa-phantoms@champion",
     input: Annotated[Path, typer.Option("--input", help="folder of images, dataset dir with manifest.csv, or DICOM dir")] = ...,

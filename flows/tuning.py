@@ -26,7 +26,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import Field
 
 from flows.training import resolve_data, training_pipeline
-from tasks.config import DataSource, PipelineParams, project_dir, resolve_run_config
+from tasks.config import DataSource, PipelineParams, RunConfig, project_dir, resolve_run_config
+from tasks.data import DatasetRef
 from tasks.preprocessing import preprocess
 from tasks.tracking import configure_tracking, ensure_experiment
 from tasks.tuning import (
@@ -121,41 +122,49 @@ def run_trials(study: optuna.Study, distributions: dict[str, Any], launch: Calla
             print(f"trial {trial.number} {trial.params} failed: {exc}")
 
 
+def search_data(cfg: RunConfig, params: TuningParams) -> tuple[DatasetRef, SearchData, CVPlan]:
+    """The dataset (validated, versioned), its train/val view decoded into the cache the trials
+    load, and the folds and validation anomalies drawn from that view."""
+    project = project_dir()
+    dataset = resolve_data(cfg, project, project / ".dpa" / "reports" / time.strftime("%Y%m%d-%H%M%S"))
+    view = build_trainval_view(dataset.path, project / ".dpa" / "tuning" / dataset.version)
+    data = SearchData(view, cfg.preprocess, project / ".dpa" / "cache", dataset.version)
+    manifest = preprocess(view, cfg.preprocess, data.cache_dir, dataset.version).manifest
+    return dataset, data, plan_cross_validation(manifest, params.folds, params.val_anomaly_type, params.n_anomalies, params.seed)
+
+
+def trials_wanted(params: TuningParams, n_points: int) -> int:
+    if params.sampler == "grid":
+        return min(params.n_trials or n_points, n_points)
+    return params.n_trials or TPE_DEFAULT_TRIALS
+
+
 @flow(name="dpa-tuning", log_prints=True)
 def tuning_pipeline(params: TuningParams) -> dict:
     """Cross-validated few-anomaly search; with `train_best`, the winner goes through the training flow."""
     cfg = resolve_run_config(params)
     space = load_search_space(params.search_space, params.search_overrides)
     configs = trial_configs(params, space, cfg)
-    project = project_dir()
-    dataset = resolve_data(cfg, project, project / ".dpa" / "reports" / time.strftime("%Y%m%d-%H%M%S"))
-    view = build_trainval_view(dataset.path, project / ".dpa" / "tuning" / dataset.version)
-    data = SearchData(view, cfg.preprocess, project / ".dpa" / "cache", dataset.version)
-    plan: CVPlan = plan_cross_validation(
-        preprocess(view, cfg.preprocess, data.cache_dir, dataset.version).manifest,
-        params.folds, params.val_anomaly_type, params.n_anomalies, params.seed,
-    )
+    dataset, data, plan = search_data(cfg, params)
     study_name = params.study_name or f"{cfg.preset}-{params.val_anomaly_type}"
     study = open_study(study_name, study_storage_url(params.study_storage), space, params.sampler,
                        protocol(params, space, dataset.version), params.seed)
     requeued = requeue_unfinished(study)
     if requeued:
-        print(f"study {study_name!r}: rerunning unfinished trials {requeued}")
-    n_points = len(configs)
-    target = min(params.n_trials or n_points, n_points) if params.sampler == "grid" else params.n_trials or TPE_DEFAULT_TRIALS
+        print(f"study {study_name!r}: rerunning the unfinished trials {requeued}")
     configure_tracking()
     experiment_id = ensure_experiment(f"{cfg.experiment or cfg.preset}-tuning")
     with search_run(experiment_id, study_name, study.user_attrs["protocol"]) as parent_run_id:
         shared = {"stopping": space.stopping, "data": data, "plan": plan, "experiment_id": experiment_id, "parent_run_id": parent_run_id}
         with make_task_runner(params.task_runner, params.max_workers, params.cluster_address) as runner:
             def launch(trial: optuna.Trial) -> PrefectFuture:
-                cfg_of_point = configs[point_key(trial.params)]
-                return runner.submit(run_trial, {"number": trial.number, "point": trial.params, "cfg": cfg_of_point, **shared})
+                point = trial.params
+                return runner.submit(run_trial, {"number": trial.number, "point": point, "cfg": configs[point_key(point)], **shared})
 
-            run_trials(study, space.distributions(), launch, params.max_workers, target)
+            run_trials(study, space.distributions(), launch, params.max_workers, trials_wanted(params, len(configs)))
         board = leaderboard(study)
         if board.empty:
-            raise RuntimeError(f"no trial of study {study_name!r} completed; their errors are in the trials' user attrs")
+            raise RuntimeError(f"no trial of study {study_name!r} completed; each failed trial's error is in its user attrs")
         best = best_config(study, space, cfg, params.overrides)
         publish_search(board, best, space, len(plan.anomaly_rows))
     print(f"best: trial {best.trial} {best.point}, mean CV AUROC {best.mean_cv_auroc:.4f} over {len(plan.folds)} folds")

@@ -1,23 +1,36 @@
-"""Fixtures shared by all test packages: a real S3-compatible endpoint (moto's standalone server).
+"""Fixtures shared by all test packages: a temporary Prefect server and a real S3-compatible
+endpoint (moto's standalone server).
 
-The server starts once per session, on 127.0.0.1 and a free port, only when a test asks for it.
-Each test gets its own bucket and fake credentials in its environment, so tests never see each
-other's objects and never reach AWS or the user's ~/.aws.
+Prefect's home is a throwaway directory, set before Prefect is imported, so tests never touch
+~/.prefect; its temporary server starts once per session, only when a test asks for it. The moto
+server likewise starts once, on 127.0.0.1 and a free port; each test gets its own bucket and fake
+credentials in its environment, so tests never see each other's objects and never reach AWS or
+the user's ~/.aws.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import pytest
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dpa-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # tasks called outside a flow
 
-from tests.servers import Server, running_server
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.servers import Server, running_server  # noqa: E402
 
 S3_REGION = "us-east-1"
 S3_ENV = {
@@ -60,3 +73,27 @@ def s3_bucket(
     bucket = S3Bucket(moto_server.url, f"test-{uuid.uuid4().hex[:12]}")
     bucket.client().create_bucket(Bucket=bucket.name)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A temporary Prefect server for in-process flows (one per session: it takes ~15 s to start)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project directory (DPA_PROJECT_DIR, a git repository like the checkout it stands
+    in for) with its own SQLite MLflow store; no DVC S3 or study settings leak in from outside."""
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "--quiet", str(root)], check=True)
+    monkeypatch.setenv("DPA_PROJECT_DIR", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    for name in [n for n in os.environ if n.startswith("DPA_DVC_")] + ["DPA_STUDY_STORAGE", "MLFLOW_EXPERIMENT_ID"]:
+        monkeypatch.delenv(name, raising=False)
+    return root

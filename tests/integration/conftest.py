@@ -1,5 +1,5 @@
 """Real processes for the integration tests: PostgreSQL databases, a Prefect server on PostgreSQL,
-CLI calls against it, and a tiny training configuration that runs in seconds on a 2-core CPU.
+and CLI calls against it.
 
 The Prefect server starts once per session (it takes ~20 s) on 127.0.0.1 with its own
 PREFECT_HOME and a fresh PostgreSQL database that is dropped afterwards.
@@ -109,35 +109,3 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         command = [str(BIN / "prefect"), "server", "start", "--host", "{host}", "--port", "{port}"]
         with running_server(command, "/api/health", env=env, log_file=home / "server.log", timeout=120) as server:
             yield PrefectServer(server, home)
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """An empty project directory (DPA_PROJECT_DIR) for data/, caches and DVC: a git repository,
-    as the checkout it stands in for."""
-    root = tmp_path / "project"
-    root.mkdir()
-    subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
-    return root
-
-
-def tiny_training(model_name: str, **overrides: Any) -> dict[str, Any]:
-    """PipelineParams (as JSON) for a demo run scaled down to seconds: 16×16 phantoms, a small
-    DPA with random VGG weights, 5 iterations."""
-    return {
-        "preset": "demo",
-        "model_name": model_name,
-        "dataset": {"importer": "phantoms", "n_train_normal": 40, "n_val_normal": 10, "n_test_normal": 20,
-                    "n_val_abnormal": 10, "n_test_abnormal": 20, "size": 32, "seed": 0},
-        "overrides": {
-            "preprocess.size": 16,
-            "dpa.network.max_res": 16,
-            "dpa.network.enc_channels": {"16": 8, "8": 8, "4": 8},
-            "dpa.network.dec_channels": {"4": 8, "8": 8, "16": 8},
-            "dpa.loss.layers": {"16": {"r12": 1.0}},
-            "dpa.loss.vgg_weights": "random",
-            "dpa.train.stab_iters": 5,
-            "dpa.train.batch_size": 8,
-            **overrides,
-        },
-    }

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import BIN, REPO, PrefectServer, tiny_training
+from tests.tiny import tiny_training
+from tests.integration.conftest import BIN, REPO, PrefectServer
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import S3Bucket
-from tests.integration.conftest import BIN, POSTGRES, PrefectServer, postgres_database, postgres_url, run_command, tiny_training
+from tests.integration.conftest import BIN, POSTGRES, PrefectServer, postgres_database, postgres_url, run_command
+from tests.tiny import tiny_training
 from tests.servers import Server, running_server
 
 pytestmark = pytest.mark.integration

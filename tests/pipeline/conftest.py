@@ -158,16 +158,3 @@ def _write_dicom(stem: Path, array: np.ndarray) -> Path:
     ds.PixelData = (array.astype(np.uint16) * 16).tobytes()
     ds.save_as(stem.with_suffix(".dcm"), enforce_file_format=True)
     return stem.with_suffix(".dcm")
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A temporary Prefect server (one per session: it takes ~15 s to start) with its own home."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        patch.setenv("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks called outside a flow
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=90):
-            yield

@@ -6,7 +6,6 @@ registers nothing and leaves the previous data version in place; a second run ge
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -15,20 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from data_layer.validation import DataValidationError
-from tests.integration.conftest import tiny_training
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
-    monkeypatch.setenv("DPA_PROJECT_DIR", str(root))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    for name in ("DPA_DVC_KIND", "DPA_DVC_BUCKET", "DPA_DVC_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    return root
+from tests.tiny import tiny_training
 
 
 def run_flow(params: dict):
@@ -38,7 +24,7 @@ def run_flow(params: dict):
     return training_pipeline(PipelineParams.model_validate(params))
 
 
-def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(project: Path) -> None:
+def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(project: Path, prefect_server) -> None:
     name = f"flow-{uuid.uuid4().hex[:8]}"
     first = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
     assert first["version"] == "1" and first["promoted"]
@@ -47,7 +33,7 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
     run = client.get_run(first["run_id"])
     assert run.data.tags["data_version"] == first["data_version"] == (project / "data.dvc").read_text().split("md5: ")[1][:32]
     assert run.data.tags["vgg_weights"] == "random:seed=0" and run.data.tags["device"] == "cpu"
-    assert run.data.params["dpa.train.stab_iters"] == "5"
+    assert run.data.params["dpa.train.stab_iters"] == "20"
     for metric in ("test_auroc", "test_auprc", "test_auroc_ci_low", "test_auroc_ci_high", "train_loss"):
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(first["run_id"], "train_loss")) >= 1
@@ -65,14 +51,14 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
     assert str(client.get_model_version_by_alias(name, "champion").version) == expected_champion
 
 
-def test_a_bad_dataset_stops_at_the_gate_registers_nothing_and_keeps_the_data_version(project: Path) -> None:
+def test_a_bad_dataset_stops_at_the_gate_registers_nothing_and_keeps_the_data_version(project: Path, prefect_server) -> None:
     name = f"flow-{uuid.uuid4().hex[:8]}"
     run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
     pointer = (project / "data.dvc").read_text()
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
 
     bad = tiny_training(name)
-    bad["dataset"]["n_train_normal"] = 3  # below the gate's minimum of training normals
+    bad["overrides"]["dataset.n_train_normal"] = 3  # below the gate's minimum of training normals
     with pytest.raises(DataValidationError, match="train"):
         run_flow(bad)
 
