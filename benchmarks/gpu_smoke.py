@@ -15,7 +15,7 @@ import torch
 
 from common import preset_dpa_config, random_images, sync
 from model.scoring import score_images
-from model.trainer import StepInfo, Trainer
+from model.trainer import Trainer
 
 
 def run(preset: str, iters: int, bf16: bool) -> tuple[list[float], torch.Tensor, float]:
