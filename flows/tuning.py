@@ -30,26 +30,11 @@ from tasks.config import DataSource, PipelineParams, RunConfig, project_dir, res
 from tasks.data import DatasetRef
 from tasks.preprocessing import preprocess
 from tasks.tracking import configure_tracking, ensure_experiment
-from tasks.tuning import (
-    CVPlan,
-    SearchData,
-    SearchSpace,
-    best_config,
-    build_trainval_view,
-    leaderboard,
-    load_search_space,
-    open_study,
-    plan_cross_validation,
-    point_key,
-    publish_search,
-    record_failure,
-    record_result,
-    requeue_unfinished,
-    run_trial,
-    search_run,
-    study_storage_url,
-    trial_configs,
-)
+from tasks.tuning.data import CVPlan, SearchData, build_trainval_view, plan_cross_validation
+from tasks.tuning.results import best_config, leaderboard, publish_search, search_run
+from tasks.tuning.space import SearchSpace, load_search_space, point_key, trial_configs
+from tasks.tuning.study import open_study, record_failure, record_result, requeue_unfinished, study_storage_url
+from tasks.tuning.trial import run_trial
 
 TPE_DEFAULT_TRIALS = 20
 CLUSTER_RUNNERS = {"dask": ("prefect_dask", "DaskTaskRunner", "prefect-dask"), "ray": ("prefect_ray", "RayTaskRunner", "prefect-ray")}

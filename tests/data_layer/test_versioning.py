@@ -184,3 +184,20 @@ def test_s3_credentials_stay_out_of_committed_config(
     wipe_local_copies(repo)
     assert resolve_dataset(repo) == version
     assert key_id not in (repo / ".dvc" / "config").read_text()
+
+
+def test_same_phantom_seed_gives_the_same_data_version(tmp_path: Path) -> None:
+    from data_layer.phantoms import PhantomSpec, generate_phantoms
+
+    spec = PhantomSpec(n_train_normal=12, n_val_normal=2, n_test_normal=4, n_val_abnormal=2, n_test_abnormal=4, size=32, seed=7)
+    versions = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        init_repo(root, RemoteSettings(path=tmp_path / f"remote-{name}"))
+        versions.append(commit_dataset(root, generate_phantoms(tmp_path / f"staged-{name}", spec)))
+    other = tmp_path / "c"
+    other.mkdir()
+    init_repo(other, RemoteSettings(path=tmp_path / "remote-c"))
+    different = commit_dataset(other, generate_phantoms(tmp_path / "staged-c", spec.model_copy(update={"seed": 8})))
+    assert versions[0] == versions[1] != different

@@ -10,7 +10,7 @@ import pytest
 
 from data_layer.manifest import read_manifest
 from data_layer.phantoms import PhantomSpec, generate_phantoms
-from tasks.tuning import make_folds, select_validation_anomalies, trainval_view
+from tasks.tuning.data import make_folds, select_validation_anomalies, trainval_view
 
 
 @pytest.fixture(scope="module")

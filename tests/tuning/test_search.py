@@ -11,18 +11,10 @@ from optuna.trial import TrialState
 
 from model.progressive import stage_schedule
 from tasks.config import PipelineParams, resolve_run_config
-from tasks import tuning
-from tasks.tuning import (
-    EarlyStopping,
-    load_search_space,
-    open_study,
-    point_key,
-    point_of,
-    requeue_unfinished,
-    study_storage_url,
-    train_fold,
-    trial_configs,
-)
+from tasks.tuning import trial as trial_module
+from tasks.tuning.space import EarlyStopping, load_search_space, point_key, trial_configs
+from tasks.tuning.study import open_study, point_of, requeue_unfinished, study_storage_url
+from tasks.tuning.trial import train_fold
 from tests.tiny import TINY_OVERRIDES
 from tests.tuning.conftest import TINY_SEARCH
 
@@ -121,7 +113,7 @@ def test_early_stopping_keeps_the_best_point_and_waits_patience(monkeypatch: pyt
     params = PipelineParams(preset="demo", overrides={**TINY_OVERRIDES, "dpa.train.stab_iters": 60})
     cfg = resolve_run_config(params).dpa
     scripted = iter([0.6, 0.8, 0.805, 0.7, 0.9, 0.95])
-    monkeypatch.setattr(tuning, "validation_auroc", lambda *args: next(scripted))
+    monkeypatch.setattr(trial_module, "validation_auroc", lambda *args: next(scripted))
     images = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8)
     seen = []
     outcome = train_fold(cfg, images, images[:4], images[4:8], EarlyStopping(val_every=10, patience=2, min_delta=0.01),

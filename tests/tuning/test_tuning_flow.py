@@ -30,8 +30,8 @@ import data_layer.preprocessing
 import flows.tuning
 from data_layer.manifest import read_manifest
 from flows.tuning import TuningParams, make_task_runner, tuning_pipeline
-from tasks import tuning
-from tasks.tuning import point_key
+from tasks.tuning import trial as trial_module
+from tasks.tuning.space import point_key
 from tests.tiny import TINY_OVERRIDES
 from tests.tuning.conftest import TINY_SEARCH
 
@@ -119,7 +119,7 @@ def resumed(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
         mp.delenv("DPA_STUDY_STORAGE", raising=False)
         before_kill = kill_when_two_trials_complete(project, read_log, prefect_server)
 
-        read, train, hand_off = data_layer.preprocessing.read_image, tuning.train_fold, flows.tuning.training_pipeline
+        read, train, hand_off = data_layer.preprocessing.read_image, trial_module.train_fold, flows.tuning.training_pipeline
         searching, trainings = [True], []
 
         def recording_read(path):
@@ -137,7 +137,7 @@ def resumed(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
             return hand_off(*args, **kwargs)
 
         mp.setattr(data_layer.preprocessing, "read_image", recording_read)
-        mp.setattr(tuning, "train_fold", counting_train)
+        mp.setattr(trial_module, "train_fold", counting_train)
         mp.setattr(flows.tuning, "training_pipeline", search_over_then_hand_off)
         summary = tuning_pipeline(params(train_best=True))
         reads = [Path(line) for line in read_log.read_text().splitlines()]
