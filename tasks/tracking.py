@@ -12,9 +12,13 @@ from model.trainer import StepInfo
 from tasks.config import PROJECT_ROOT, project_dir
 
 
+def embedded_tracking_uri() -> str:
+    return f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the embedded SQLite store in the project directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
 
 
 def tracking_ui_url() -> str:
@@ -36,7 +40,9 @@ def ensure_experiment(name: str) -> str:
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (project_dir() / "mlartifacts" / name).as_uri()
+    # (not judged by MLFLOW_TRACKING_URI: mlflow.set_tracking_uri exports it)
+    embedded = mlflow.get_tracking_uri() == embedded_tracking_uri()
+    location = (project_dir() / "mlartifacts" / name).as_uri() if embedded else None
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -33,6 +33,7 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
     run = client.get_run(first["run_id"])
     assert run.data.tags["data_version"] == first["data_version"] == (project / "data.dvc").read_text().split("md5: ")[1][:32]
     assert run.data.tags["vgg_weights"] == "random:seed=0" and run.data.tags["device"] == "cpu"
+    assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())  # the embedded store keeps artifacts in the project
     assert run.data.params["dpa.train.stab_iters"] == "20"
     for metric in ("test_auroc", "test_auprc", "test_auroc_ci_low", "test_auroc_ci_high", "train_loss"):
         assert metric in run.data.metrics, metric
