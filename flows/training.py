@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from data_layer import versioning
 from data_layer.preprocessing import PreprocessedDataset
@@ -76,7 +76,7 @@ def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.A
 
 
 def publish(summary: TrainingSummary, tracking_url: str) -> None:
-    """Results a person reads in the Prefect UI."""
+    """Results a person reads in the Prefect UI (the gate and the promotion task publish their own)."""
     create_table_artifact(
         [{"metric": "test AUROC", "value": f"{summary.auroc:.4f}"},
          {"metric": "AUROC 95% CI", "value": f"[{summary.auroc_ci[0]:.4f}, {summary.auroc_ci[1]:.4f}]"},
@@ -84,7 +84,6 @@ def publish(summary: TrainingSummary, tracking_url: str) -> None:
          {"metric": "model version", "value": f"{summary.model_name} v{summary.version}"}],
         key="dpa-metrics", description="Test metrics of this training run",
     )
-    create_markdown_artifact(f"## Promotion decision\n\n{summary.decision}", key="dpa-promotion")
     create_link_artifact(tracking_url, link_text="MLflow run", key="dpa-mlflow-run")
 
 
