@@ -18,15 +18,13 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from data_layer import versioning
-from data_layer.preprocessing import PreprocessedDataset
-from tasks.config import PipelineParams, RunConfig, flatten, project_dir, resolve_run_config
+from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_config
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
 from tasks.evaluation import evaluate
-from tasks.preprocessing import preprocess
+from tasks.preprocessing import PreprocessedDataset, preprocess
 from tasks.registry import promote_model, register_model
 from tasks.scoring import auroc_rescorer
-from tasks.tracking import configure_tracking, ensure_experiment, git_commit, tracking_ui_url
+from tasks.tracking import configure_tracking, ensure_experiment, git_commit, log_config_params, tracking_ui_url
 from tasks.training import train
 from tasks.validation import validate
 
@@ -48,7 +46,6 @@ class TrainingSummary:
 
 def resolve_data(cfg: RunConfig, project: Path, report_dir: Path) -> DatasetRef:
     """Imported data pass the gate in staging before they become the versioned data/."""
-    versioning.init_repo(project)
     if cfg.dataset.importer == "dvc":
         dataset = pull_dataset(project)
         validate(dataset.path, cfg.validation, report_dir)
@@ -58,9 +55,11 @@ def resolve_data(cfg: RunConfig, project: Path, report_dir: Path) -> DatasetRef:
     return commit_dataset(project, staged)
 
 
-def config_digest(dpa_cfg) -> str:
-    """Checkpoints are keyed by data version and method config: a rerun of the same crashed run resumes."""
-    return hashlib.sha256(dpa_cfg.model_dump_json().encode()).hexdigest()[:16]
+def config_digest(cfg: RunConfig) -> str:
+    """Checkpoints are keyed by data version, preprocessing and method: only a rerun of the same
+    crashed run resumes from them."""
+    key = {"preprocess": cfg.preprocess.model_dump(mode="json"), "dpa": cfg.dpa.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.ActiveRun:
@@ -68,7 +67,7 @@ def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.A
     experiment_id = ensure_experiment(cfg.experiment or cfg.preset)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     resolved = cfg.model_dump(mode="json")
-    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(resolved).items()})
+    log_config_params(resolved)
     mlflow.set_tags({"data_version": dataset.version, "git_commit": git_commit(), "preset": cfg.preset})
     mlflow.log_dict(resolved, "config/resolved_config.json")
     mlflow.log_artifacts(str(report_dir), "validation")
@@ -97,7 +96,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     data: PreprocessedDataset = preprocess(dataset.path, cfg.preprocess, project / ".dpa" / "cache", dataset.version)
     with start_run(cfg, dataset, report_dir) as run:
         run_id = run.info.run_id
-        checkpoints = project / ".dpa" / "checkpoints" / dataset.version / config_digest(cfg.dpa)
+        checkpoints = project / ".dpa" / "checkpoints" / dataset.version / config_digest(cfg)
         dpa = train(cfg.dpa, data.subset(split="train", label="normal").images, checkpoints, run_id)
         mlflow.set_tags({"vgg_weights": dpa.vgg_source, "device": str(next(dpa.parameters()).device)})
         evaluation = evaluate(dpa, data, cfg, dataset.version, run_id)

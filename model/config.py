@@ -160,9 +160,14 @@ class DPAConfig(BaseModel):
     loss: LossConfig
     train: TrainConfig = TrainConfig()
 
+    @property
+    def initial_res(self) -> int:
+        """First training resolution: train.initial_res with progressive growing, else max_res."""
+        return self.train.initial_res or self.network.max_res
+
     @model_validator(mode="after")
     def _check_schedule(self) -> DPAConfig:
-        init = self.train.initial_res or self.network.max_res
+        init = self.initial_res
         if not _is_power_of_two(init) or not self.network.first_res <= init <= self.network.max_res:
             raise ValueError(
                 f"train.initial_res={init} must be a power of two between {self.network.first_res} and {self.network.max_res}"

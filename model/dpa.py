@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from model.config import DPAConfig, resolution_levels
-from model.networks import Decoder, Encoder
+from model.networks import Decoder, Encoder, fade
 from model.perceptual import (
     RelativePerceptualLoss,
     VGGSource,
@@ -41,10 +41,9 @@ class DPA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vgg_source = vgg.description
-        init = cfg.train.initial_res or cfg.network.max_res
-        self.encoder = Encoder(cfg.network, init)
-        self.decoder = Decoder(cfg.network, init)
-        layers = {l for res in resolution_levels(init, cfg.network.max_res) for l in cfg.loss.layers_at(res)}
+        self.encoder = Encoder(cfg.network, cfg.initial_res)
+        self.decoder = Decoder(cfg.network, cfg.initial_res)
+        layers = {l for res in resolution_levels(cfg.initial_res, cfg.network.max_res) for l in cfg.loss.layers_at(res)}
         self.perceptual = RelativePerceptualLoss(vgg.features, sorted(layers))
         if cfg.loss.feature_stats == "imagenet":
             self.perceptual.set_stats(reference_feature_stats(self.perceptual.layers))
@@ -70,7 +69,7 @@ class DPA(nn.Module):
         if alpha is not None and self.cfg.train.smooth_pg_loss:
             half = stage.res // 2
             low = self.perceptual(downsample(x_res, half), downsample(x_hat, half), self.cfg.loss.layers_at(half))
-            loss = low * (1.0 - alpha) + loss * alpha
+            loss = fade(low, loss, alpha)
         return loss.mean()
 
     def _final_input(self, x: torch.Tensor) -> torch.Tensor:

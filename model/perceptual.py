@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -190,13 +191,13 @@ class RelativePerceptualLoss(nn.Module):
 
 @torch.no_grad()
 def training_feature_stats(
-    loss: RelativePerceptualLoss, images: torch.Tensor, batch_size: int = 64
+    loss: RelativePerceptualLoss, batches: Iterable[torch.Tensor]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean/std of each layer's features over `images` ([-1,1], on loss's device)."""
+    """Per-channel mean/std of each layer's features over batches of [-1,1] images (on loss's device)."""
     sums: dict[str, torch.Tensor] = {}
     sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
-    for batch in images.split(batch_size):
+    for batch in batches:
         for l, f in loss.features(batch, loss.layers).items():
             f = f.double()
             sums[l] = sums.get(l, 0) + f.sum(dim=(0, 2, 3))

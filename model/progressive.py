@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import DPAConfig, resolution_levels
+from model.networks import fade
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Stage:
 def stage_schedule(cfg: DPAConfig) -> list[Stage]:
     """stab@init, then trns@2r, stab@2r, … up to stab@max_res. Stages with 0 iterations are dropped."""
     t = cfg.train
-    init = t.initial_res or cfg.network.max_res
+    init = cfg.initial_res
 
     def iters(res: int, kind: str) -> int:
         default = t.stab_iters if kind == "stab" else t.trns_iters
@@ -52,4 +53,4 @@ def stage_input(x: torch.Tensor, res: int, alpha: float | None) -> torch.Tensor:
     if alpha is None:
         return high
     low = F.interpolate(downsample(x, res // 2), scale_factor=2, mode="nearest")
-    return low * (1.0 - alpha) + high * alpha
+    return fade(low, high, alpha)

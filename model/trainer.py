@@ -140,8 +140,10 @@ class Trainer:
         return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir else None
 
     def _fit_feature_stats(self) -> None:
-        x = to_model_range(augment(self.images, self.cfg.network.max_res, AugmentConfig(), self.generator))
-        self.dpa.perceptual.set_stats(training_feature_stats(self.dpa.perceptual, x))
+        """Batch by batch: the whole set as float could be 4× the uint8 tensor on the device."""
+        size = self.cfg.network.max_res
+        batches = (to_model_range(augment(b, size, AugmentConfig(), self.generator)) for b in self.images.split(64))
+        self.dpa.perceptual.set_stats(training_feature_stats(self.dpa.perceptual, batches))
 
     def _new_optimizer(self) -> torch.optim.Adam:
         trainable = [p for p in self.dpa.parameters() if p.requires_grad]

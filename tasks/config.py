@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_layer.preprocessing import PreprocessConfig
 from data_layer.validation import ValidationRules
@@ -59,6 +59,16 @@ class RunConfig(BaseModel):
     validation: ValidationRules = ValidationRules()
     registry: RegistryConfig = RegistryConfig()
     experiment: str | None = Field(None, description="MLflow experiment; default: the preset name")
+
+    @model_validator(mode="after")
+    def _images_fit_the_network(self) -> RunConfig:
+        """Caught here, before any data are imported or decoded, rather than at training start."""
+        net = self.dpa.network
+        if self.preprocess.channels != net.image_channels:
+            raise ValueError(f"preprocess.channels={self.preprocess.channels} but dpa.network.image_channels={net.image_channels}")
+        if self.preprocess.size < net.max_res:
+            raise ValueError(f"preprocess.size={self.preprocess.size} is below dpa.network.max_res={net.max_res}")
+        return self
 
 
 class PipelineParams(BaseModel):

@@ -42,6 +42,7 @@ def stage_dataset(source: DataSource, staging_dir: Path) -> Path:
 @task(name="commit-dataset", retries=2, retry_delay_seconds=5)
 def commit_dataset(project: Path, staged: Path) -> DatasetRef:
     """Make the validated staged dataset the active data/ version: `dvc add` + `dvc push`."""
+    versioning.init_repo(project)
     version = versioning.commit_dataset(project, staged)
     return DatasetRef(project / "data", version)
 
@@ -49,5 +50,6 @@ def commit_dataset(project: Path, staged: Path) -> DatasetRef:
 @task(name="pull-dataset", retries=2, retry_delay_seconds=5)
 def pull_dataset(project: Path) -> DatasetRef:
     """Use the DVC-tracked data/, pulling it from the remote when missing or stale."""
+    versioning.init_repo(project)
     version = versioning.resolve_dataset(project)
     return DatasetRef(project / "data", version)

@@ -8,8 +8,9 @@ more anomalous, as `model.scoring.score_images` returns them.
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,12 @@ def _bootstrap_auroc_ci(
     return float(low), float(high)
 
 
+log = logging.getLogger(__name__)
+
+VAL_NORMALS = "normal validation images"
+TRAIN_NORMALS = "normal training images (the dataset has no normal validation images)"
+
+
 def operating_threshold(normal_scores: Sequence | np.ndarray, quantile: float) -> float:
     """The served model's alarm threshold: this quantile of the normal validation scores."""
     scores = np.asarray(normal_scores, dtype=np.float64)
@@ -120,11 +127,12 @@ def operating_threshold(normal_scores: Sequence | np.ndarray, quantile: float) -
     return float(np.quantile(scores, quantile))
 
 
-def threshold_rule(quantile: float) -> str:
+def threshold_rule(quantile: float, source: str = VAL_NORMALS) -> str:
     """The threshold rule in words, for the model card and the registered model."""
+    caveat = "" if source == VAL_NORMALS else "; the model has seen them, so expect more false alarms on new normals"
     return (
-        f"anomaly if score > the {quantile:.3g} quantile of the scores of normal validation images "
-        f"(expected false-alarm rate on normal images ≈ {1 - quantile:.1%})"
+        f"anomaly if score > the {quantile:.3g} quantile of the scores of {source} "
+        f"(expected false-alarm rate on normal images ≈ {1 - quantile:.1%}{caveat})"
     )
 
 
@@ -133,11 +141,13 @@ def evaluation_artifacts(
     labels: Sequence | np.ndarray,
     scores: Sequence | np.ndarray,
     images_uint8: torch.Tensor,
-    maps: torch.Tensor,
+    maps_of: Callable[[list[int]], torch.Tensor],
     out_dir: str | Path,
     anomaly_types: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write the ROC curve, score histograms and a heat-map grid as PNGs into `out_dir`."""
+    """Write the ROC curve, score histograms and a heat-map grid as PNGs into `out_dir`.
+
+    `maps_of(indices)` computes the anomaly maps of just the images the grid shows."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     y, s = binary_labels(labels), np.asarray(scores, dtype=np.float64)
@@ -151,7 +161,7 @@ def evaluation_artifacts(
         by_type = {"normal": s[y == 0]} | {t: s[(y == 1) & (types == t)] for t in sorted(set(types[y == 1]))}
         figure = _histogram_figure(by_type, "Anomaly scores by anomaly type")
         paths.append(_save(figure, out_dir / "score_histogram_by_type.png"))
-    paths.append(_save(_heatmap_figure(y, s, images_uint8, maps), out_dir / "heatmaps.png"))
+    paths.append(_save(_heatmap_figure(y, s, images_uint8, maps_of), out_dir / "heatmaps.png"))
     return paths
 
 
@@ -183,14 +193,16 @@ def _histogram_figure(groups: dict[str, np.ndarray], title: str) -> plt.Figure:
     return figure
 
 
-def _heatmap_figure(y: np.ndarray, s: np.ndarray, images: torch.Tensor, maps: torch.Tensor) -> plt.Figure:
+def _heatmap_figure(
+    y: np.ndarray, s: np.ndarray, images: torch.Tensor, maps_of: Callable[[list[int]], torch.Tensor]
+) -> plt.Figure:
     """Top-scoring abnormal images (hits) and top-scoring normals (likely false alarms), one shared scale."""
     picks = [(i, label) for label in (1, 0) for i in _top(s, y == label)]
-    shown = maps[[i for i, _ in picks]].float().numpy()
+    shown = maps_of([i for i, _ in picks]).float().numpy()
     vmax = float(np.percentile(shown, 99)) if shown.size else 1.0
     figure, axes = plt.subplots(2, max(len(picks), 1), figsize=(2 * max(len(picks), 1), 4.4), squeeze=False)
     for column, (i, label) in enumerate(picks):
-        image = center_crop(images[i], maps.shape[-1]).permute(1, 2, 0).numpy()
+        image = center_crop(images[i], shown.shape[-1]).permute(1, 2, 0).numpy()
         image = image.squeeze(-1) if image.shape[-1] == 1 else image
         for row in (0, 1):
             axes[row, column].imshow(image, cmap="gray", vmin=0, vmax=255)
@@ -276,16 +288,22 @@ class ModelEvaluation(BaseModel):
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: str, run_id: str) -> ModelEvaluation:
-    """Score the test split, set the threshold on the normal validation images, and log metrics,
+    """Score the test split, set the threshold on the normal validation images (the training
+    normals when there are none, said in the rule), and log metrics,
     plots and the model card to the run (explicit `run_id`: the task may run in another thread)."""
     batch, quantile = cfg.dpa.train.score_batch_size, cfg.registry.threshold_quantile
     test, val = data.subset(split="test"), data.subset(split="val")
     test_labels, test_scores = test.labels.numpy(), score_images(dpa, test.images, batch).numpy()
     val_labels, val_scores = val.labels.numpy(), score_images(dpa, val.images, batch).numpy()
+    normal_scores, source = val_scores[val_labels == 0], VAL_NORMALS
+    if normal_scores.size == 0:  # e.g. the paper's one-vs-rest protocol: every normal image is for training
+        log.warning("no normal validation images: the threshold comes from the training normals")
+        normal_scores = score_images(dpa, data.subset(split="train", label="normal").images, batch).numpy()
+        source = TRAIN_NORMALS
     result = ModelEvaluation(
         metrics=evaluate_scores(test_labels, test_scores, seed=cfg.dpa.train.seed),
-        threshold=operating_threshold(val_scores[val_labels == 0], quantile),
-        threshold_rule=threshold_rule(quantile),
+        threshold=operating_threshold(normal_scores, quantile),
+        threshold_rule=threshold_rule(quantile, source),
         val_auroc=float(roc_auc_score(val_labels, val_scores)) if 0 < val_labels.sum() < len(val_labels) else None,
     )
     _log_metrics(result, run_id)
@@ -297,9 +315,12 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
     )
     types = test.manifest[ANOMALY_TYPE]
     with tempfile.TemporaryDirectory() as tmp:
-        maps = anomaly_maps(dpa, test.images, batch)
         anomaly_types = types.tolist() if (types != "").any() else None
-        evaluation_artifacts(result.metrics, test_labels, test_scores, test.images, maps, tmp, anomaly_types)
+
+        def maps_of(indices: list[int]) -> torch.Tensor:
+            return anomaly_maps(dpa, test.images[indices], batch)
+
+        evaluation_artifacts(result.metrics, test_labels, test_scores, test.images, maps_of, tmp, anomaly_types)
         (Path(tmp) / "model_card.md").write_text(card)
         MlflowClient().log_artifacts(run_id, tmp, "evaluation")
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -9,7 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from model.trainer import StepInfo
-from tasks.config import PROJECT_ROOT, project_dir
+from tasks.config import PROJECT_ROOT, flatten, project_dir
 
 
 def embedded_tracking_uri() -> str:
@@ -44,6 +45,11 @@ def ensure_experiment(name: str) -> str:
     embedded = mlflow.get_tracking_uri() == embedded_tracking_uri()
     location = (project_dir() / "mlartifacts" / name).as_uri() if embedded else None
     return client.create_experiment(name, artifact_location=location)
+
+
+def log_config_params(config: dict) -> None:
+    """Log a nested config as flat MLflow params (`dpa.train.lr`); lists and empty dicts as JSON."""
+    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(config).items()})
 
 
 def git_commit() -> str:

@@ -38,3 +38,11 @@ def test_unknown_preset_and_bad_override_are_clear_errors() -> None:
 
 def test_flatten_gives_mlflow_param_names() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), [({"preprocess.channels": 3}, "image_channels"), ({"preprocess.size": 16}, "max_res")]
+)
+def test_preprocessing_must_fit_the_network_before_any_data_is_touched(override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_run_config(PipelineParams(preset="demo", overrides=override))

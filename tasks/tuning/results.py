@@ -7,7 +7,6 @@ study's parent MLflow run, resumed by every restart of the same study, and as Pr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import RunConfig, flatten
+from tasks.config import RunConfig
+from tasks.tracking import log_config_params
 from tasks.tuning.space import SearchSpace
 
 STUDY_TAG = "dpa.study"
@@ -108,7 +108,7 @@ def search_run(experiment_id: str, study_name: str, protocol: dict[str, Any]) ->
             client.set_terminated(child.info.run_id, "KILLED")
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{study_name}", tags={STUDY_TAG: study_name})
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(protocol).items()})
+        log_config_params(protocol)
     with run:
         yield run.info.run_id
 

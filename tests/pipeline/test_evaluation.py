@@ -99,12 +99,12 @@ def test_artifacts_are_png_plots(tmp_path) -> None:
     labels, scores = [0] * 6 + [1] * 6, np.linspace(0, 1, 12)
     maps = torch.rand(12, RES, RES)
     e = evaluate_scores(labels, scores)
-    paths = evaluation_artifacts(e, labels, scores, images, maps, tmp_path / "out", anomaly_types=[""] * 6 + ["a", "b"] * 3)
+    paths = evaluation_artifacts(e, labels, scores, images, lambda idx: maps[idx], tmp_path / "out", anomaly_types=[""] * 6 + ["a", "b"] * 3)
     assert sorted(p.name for p in paths) == ["heatmaps.png", "roc_curve.png", "score_histogram.png", "score_histogram_by_type.png"]
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100
-    without_types = evaluation_artifacts(e, labels, scores, images, maps, tmp_path / "plain")
+    without_types = evaluation_artifacts(e, labels, scores, images, lambda idx: maps[idx], tmp_path / "plain")
     assert "score_histogram_by_type.png" not in {p.name for p in without_types}
 
 
@@ -134,11 +134,24 @@ def test_evaluate_stage_logs_metrics_plots_and_card(mlflow_store: str, tiny_dpa:
     assert {"evaluation/roc_curve.png", "evaluation/model_card.md", "evaluation/score_histogram_by_type.png"} <= names
 
 
-def _dataset() -> PreprocessedDataset:
+def test_without_normal_validation_images_the_threshold_comes_from_the_training_normals(
+    mlflow_store: str, tiny_dpa: DPA
+) -> None:
+    data = _dataset(val_normals=False)  # the paper's one-vs-rest protocol: all normals train
+    cfg = run_config()
+    with mlflow.start_run() as run:
+        result = evaluate.fn(tiny_dpa, data, cfg, "data-v1", run.info.run_id)
+    train_normal = score_images(tiny_dpa, data.subset(split="train", label="normal").images).numpy()
+    assert result.threshold == pytest.approx(np.quantile(train_normal, cfg.registry.threshold_quantile))
+    assert "normal training images" in result.threshold_rule
+
+
+def _dataset(val_normals: bool = True) -> PreprocessedDataset:
     parts = [
+        ("train", "normal", "", blob_images(8, RES, seed=9)),
         ("test", "normal", "", blob_images(8, RES, seed=10)),
         ("test", "abnormal", "stripes", blob_images(8, RES, seed=11, anomalous=True)),
-        ("val", "normal", "", blob_images(8, RES, seed=12)),
+        ("val", "normal", "", blob_images(8 if val_normals else 0, RES, seed=12)),
         ("val", "abnormal", "stripes", blob_images(2, RES, seed=13, anomalous=True)),
     ]
     rows = [
