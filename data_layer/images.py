@@ -41,18 +41,37 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode any supported file into an 8-bit PIL image of mode L or RGB."""
+    """Decode any supported file into an 8-bit PIL image of mode L or RGB.
+
+    The reader is chosen by suffix, else by the file's magic bytes (PACS exports write DICOM
+    files without a suffix; uploads arrive without a name)."""
     path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found. Restore it or remove its manifest row.")
+    reader = _reader_for(path)
     if reader is None:
         raise ImageReadError(
             f"{path}: unsupported file type {path.suffix!r}; "
-            f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}. Convert the file or remove it."
+            f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}, or DICOM without a suffix. Convert the file or remove it."
         )
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found. Restore it or remove its manifest row.")
     with decoding(path):
         return reader(path, max_pixels)
+
+
+def is_image_file(path: Path) -> bool:
+    """A file `read_image` knows how to read (by suffix or magic bytes); cheap: reads 132 bytes at most."""
+    return _reader_for(path) is not None
+
+
+def _reader_for(path: Path) -> Callable[[Path, int], Image.Image] | None:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is not None:
+        return reader
+    with path.open("rb") as stream:
+        head = stream.read(132)
+    if head[128:132] == b"DICM":
+        return _read_dicom
+    return next((_READERS[suffix] for magic, suffix in _MAGIC_SUFFIXES if head.startswith(magic)), None)
 
 
 @contextmanager
@@ -155,3 +174,7 @@ _READERS: dict[str, Callable[[Path, int], Image.Image]] = {
     ".dicom": _read_dicom,
 }
 SUPPORTED_SUFFIXES = frozenset(_READERS)
+_MAGIC_SUFFIXES = (
+    (b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"),
+    (b"\x93NUMPY", ".npy"),
+)

@@ -87,6 +87,11 @@ class DPA(nn.Module):
         x = self._final_input(x)
         return self.perceptual.anomaly_map(x, self.reconstruct(x), self.cfg.loss.layers_at(self.max_res))
 
+    def score_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score` and `anomaly_map` with one reconstruction and one VGG pass."""
+        x = self._final_input(x)
+        return self.perceptual.score_and_map(x, self.reconstruct(x), self.cfg.loss.layers_at(self.max_res))
+
 
 def save_dpa(dpa: DPA, path: Path) -> None:
     """Plain tensors + JSON-able metadata, so `torch.load(weights_only=True)` can read it back."""

@@ -175,18 +175,31 @@ class RelativePerceptualLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
         """Per-sample relative perceptual L1 loss (shape B)."""
-        total = sum(w * diff.mean(dim=(1, 2, 3)) / norm for w, diff, norm in self._diffs(x, x_hat, weights))
-        return total / sum(weights.values())
+        return _relative_l1(self._diffs(x, x_hat, weights), weights)
 
     def anomaly_map(self, x: torch.Tensor, x_hat: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
         """Per-pixel map (B×H×W): channel-mean relative |Δ| of each layer, bilinearly upsampled."""
-        size = x.shape[-2:]
-        maps = [
-            w * F.interpolate((diff.mean(dim=1, keepdim=True) / norm.view(-1, 1, 1, 1)), size=size,
-                              mode="bilinear", align_corners=False)
-            for w, diff, norm in self._diffs(x, x_hat, weights)
-        ]
-        return (sum(maps) / sum(weights.values()))[:, 0]
+        return _relative_map(self._diffs(x, x_hat, weights), weights, x.shape[-2:])
+
+    def score_and_map(
+        self, x: torch.Tensor, x_hat: torch.Tensor, weights: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` and `anomaly_map` from one VGG pass (scoring with heat maps)."""
+        diffs = list(self._diffs(x, x_hat, weights))
+        return _relative_l1(diffs, weights), _relative_map(diffs, weights, x.shape[-2:])
+
+
+def _relative_l1(diffs: Iterable[tuple], weights: dict[str, float]) -> torch.Tensor:
+    return sum(w * diff.mean(dim=(1, 2, 3)) / norm for w, diff, norm in diffs) / sum(weights.values())
+
+
+def _relative_map(diffs: Iterable[tuple], weights: dict[str, float], size: torch.Size) -> torch.Tensor:
+    maps = [
+        w * F.interpolate(diff.mean(dim=1, keepdim=True) / norm.view(-1, 1, 1, 1), size=size,
+                          mode="bilinear", align_corners=False)
+        for w, diff, norm in diffs
+    ]
+    return (sum(maps) / sum(weights.values()))[:, 0]
 
 
 @torch.no_grad()

@@ -36,10 +36,10 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 from pydantic import BaseModel
 
-from data_layer.images import ImageReadError, read_image
+from data_layer.images import ImageReadError, is_image_file, read_image
 from data_layer.preprocessing import PreprocessConfig, preprocess_images
 from model.dpa import DPA, load_dpa, save_dpa
-from model.scoring import anomaly_maps, score_images
+from model.scoring import score_images, scores_and_maps
 
 MODEL_ARTIFACT = "model"
 CHAMPION = "champion"
@@ -54,10 +54,6 @@ SIGNATURE = ModelSignature(
         [ColSpec("double", SCORE), ColSpec("boolean", IS_ANOMALY), ColSpec("string", HEATMAP, required=False)]
     ),
     params=ParamSchema([ParamSpec(HEATMAP, "boolean", False)]),
-)
-_MAGIC_SUFFIXES = (
-    (b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"),
-    (b"\x93NUMPY", ".npy"),
 )
 _PROJECT_PACKAGES = ("model", "data_layer", "tasks")
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow", "pydicom", "pydantic")
@@ -104,11 +100,14 @@ class DPAPyfuncModel(PythonModel):
 
     def score(self, images: torch.Tensor, heatmap: bool = False) -> pd.DataFrame:
         """Scores (and heat maps) of preprocessed uint8 images, one output row per image."""
-        scores = score_images(self.dpa, images).double().numpy()
-        out = pd.DataFrame({SCORE: scores, IS_ANOMALY: scores > self.threshold})
-        if heatmap:
-            out[HEATMAP] = [encode_heatmap(m, self.threshold) for m in anomaly_maps(self.dpa, images)]
-        return out
+        if not heatmap:
+            scores = score_images(self.dpa, images).double().numpy()
+            return pd.DataFrame({SCORE: scores, IS_ANOMALY: scores > self.threshold})
+        scores, maps = scores_and_maps(self.dpa, images)
+        scores = scores.double().numpy()
+        return pd.DataFrame({
+            SCORE: scores, IS_ANOMALY: scores > self.threshold, HEATMAP: [encode_heatmap(m, self.threshold) for m in maps],
+        })
 
 
 def _column(frame: pd.DataFrame, name: str) -> list[Any]:
@@ -130,24 +129,17 @@ def _b64decode(text: str) -> bytes:
 
 
 def decode_image_bytes(data: bytes) -> Image.Image:
-    """File bytes → image through `read_image`, which takes paths: the type is sniffed from the
-    magic bytes (DICOM: 'DICM' at offset 128) and the bytes go to a temp file with that suffix."""
+    """File bytes → image through `read_image` (which takes paths and tells the type from the
+    magic bytes when there is no suffix), via a nameless temp file."""
     with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / f"upload{_sniff_suffix(data)}"
+        file = Path(tmp) / "upload"
         file.write_bytes(data)
+        if not is_image_file(file):
+            raise ValueError("the bytes are not a PNG, JPEG, TIFF, DICOM (Part 10) or NPY file")
         try:
             return read_image(file)
         except ImageReadError as exc:  # the temp path means nothing to the sender
-            raise ImageReadError(str(exc).replace(str(file), f"uploaded {file.suffix} file")) from exc
-
-
-def _sniff_suffix(data: bytes) -> str:
-    if data[128:132] == b"DICM":
-        return ".dcm"
-    for magic, suffix in _MAGIC_SUFFIXES:
-        if data.startswith(magic):
-            return suffix
-    raise ValueError("the bytes are not a PNG, JPEG, TIFF, DICOM (Part 10) or NPY file")
+            raise ImageReadError(str(exc).replace(str(file), "uploaded file")) from exc
 
 
 def encode_heatmap(anomaly_map: torch.Tensor, threshold: float) -> str:

@@ -23,11 +23,9 @@ import torch
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from data_layer.dicom import read_dicom
-from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, read_image
+from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, is_image_file, read_image
 from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path, select
 from tasks.evaluation import binary_labels
 from tasks.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
@@ -71,19 +69,7 @@ def list_inputs(input: str | Path) -> pd.DataFrame:
 
 
 def _is_image_file(file: Path) -> bool:
-    if file.suffix.lower() in SUPPORTED_SUFFIXES:
-        return True
-    return file.name not in _NOT_IMAGES and not file.name.startswith(".") and _has_dicom_magic(file)
-
-
-def _has_dicom_magic(file: Path) -> bool:
-    with file.open("rb") as stream:
-        return stream.read(132)[128:] == b"DICM"
-
-
-def read_input(file: Path) -> Image.Image:
-    """`read_image`, plus DICOM files without a `.dcm` suffix."""
-    return read_image(file) if file.suffix.lower() in SUPPORTED_SUFFIXES else read_dicom(file)
+    return file.name not in _NOT_IMAGES and not file.name.startswith(".") and is_image_file(file)
 
 
 def iter_scores(
@@ -99,7 +85,7 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
     images, errors = [], []
     for file in files:
         try:
-            images.append(scorer.prepare([read_input(file)]))
+            images.append(scorer.prepare([read_image(file)]))
             errors.append("")
         except ImageReadError as exc:
             errors.append(str(exc))

@@ -202,3 +202,15 @@ def test_errors_never_mention_patient_tags(tmp_path, ramp, write_dicom):
     with pytest.raises(ImageReadError) as err:
         read_image(path)
     assert "4242" not in str(err.value) and "Doe" not in str(err.value)
+
+
+def test_files_without_a_suffix_are_read_by_their_magic_bytes(tmp_path):
+    from PIL import Image as PILImage
+
+    from data_layer.images import is_image_file
+
+    PILImage.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(tmp_path / "scan.png")
+    (tmp_path / "scan.png").rename(tmp_path / "scan")
+    assert is_image_file(tmp_path / "scan") and read_image(tmp_path / "scan").size == (8, 8)
+    (tmp_path / "readme").write_text("not an image")
+    assert not is_image_file(tmp_path / "readme")

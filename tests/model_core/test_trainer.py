@@ -116,3 +116,13 @@ def test_detects_clear_anomalies_on_a_tiny_synthetic_task() -> None:
     scores = score_images(dpa, torch.cat([normal, anomalous]))
     auroc = roc_auc_score([0] * 40 + [1] * 40, scores.numpy())
     assert auroc > 0.9, auroc
+
+
+def test_scores_and_maps_in_one_pass_equal_the_separate_calls() -> None:
+    from model.scoring import scores_and_maps
+
+    dpa = train_dpa(tiny_config(stab_iters=2), blob_images(8, 16, seed=0), progress=False)
+    test = blob_images(5, 16, seed=3)
+    scores, maps = scores_and_maps(dpa, test, batch_size=2)
+    assert torch.equal(scores, score_images(dpa, test, batch_size=2))
+    assert torch.equal(maps, anomaly_maps(dpa, test, batch_size=2))
