@@ -149,6 +149,10 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(0, description="save a resumable checkpoint every N iterations (0: only at the end)")
     log_every: int = 10
     score_batch_size: int = 32
+    feature_cache_mb: int = Field(
+        4096, ge=0, description="device memory for caching the input's VGG features when the input is deterministic (0: off)"
+    )
+    compile: bool = Field(False, description="torch.compile the training loss (falls back to eager, logged, if it fails)")
 
 
 class DPAConfig(BaseModel):

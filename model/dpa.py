@@ -61,16 +61,36 @@ class DPA(nn.Module):
         res = res or self.max_res
         return self.decoder(self.encoder(x, res, alpha), res, alpha)
 
-    def stage_loss(self, x: torch.Tensor, stage: Stage, alpha: float | None) -> torch.Tensor:
-        """Batch-mean training loss for one PG stage; `x` is a [-1,1] batch at max_res."""
+    def stage_loss(
+        self,
+        x: torch.Tensor,
+        stage: Stage,
+        alpha: float | torch.Tensor | None,
+        cached: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Batch-mean training loss for one PG stage; `x` is a [-1,1] batch at max_res.
+
+        The target features of the input come from `cached[res]` (raw VGG features of this batch's
+        target at that resolution) when given, else from a pass without autograd.
+        """
+        cached = cached or {}
         x_res = stage_input(x, stage.res, alpha)
         x_hat = self.reconstruct(x_res, stage.res, alpha)
-        loss = self.perceptual(x_res, x_hat, self.cfg.loss.layers_at(stage.res))
+        loss = self._relative(x_res, x_hat, stage.res, cached)
         if alpha is not None and self.cfg.train.smooth_pg_loss:
             half = stage.res // 2
-            low = self.perceptual(downsample(x_res, half), downsample(x_hat, half), self.cfg.loss.layers_at(half))
+            low = self._relative(downsample(x_res, half), downsample(x_hat, half), half, cached)
             loss = fade(low, loss, alpha)
         return loss.mean()
+
+    def _relative(
+        self, target: torch.Tensor, x_hat: torch.Tensor, res: int, cached: dict[int, dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        weights = self.cfg.loss.layers_at(res)
+        features = cached.get(res)
+        if features is None:
+            features = self.perceptual.target_features(target, list(weights))
+        return self.perceptual.relative_to_target(features, x_hat, weights)
 
     def _final_input(self, x: torch.Tensor) -> torch.Tensor:
         """Test images larger than max_res are centre-cropped (Camelyon16: 64 of 192)."""

@@ -116,12 +116,15 @@ def reference_feature_stats(layers: list[str]) -> dict[str, tuple[torch.Tensor, 
         return {l: (torch.from_numpy(stats[f"{l}_mean"]), torch.from_numpy(stats[f"{l}_std"])) for l in layers}
 
 
-def to_vgg_input(x: torch.Tensor) -> torch.Tensor:
-    """[-1,1] image (1 or 3 channels) → ImageNet-normalised 3-channel VGG input."""
+def to_vgg_input(x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+    """[-1,1] image (1 or 3 channels) → ImageNet-normalised 3-channel VGG input.
+
+    `mean`/`std` (1×3×1×1 on x's device) avoid building the constants, a host→device copy, per call.
+    """
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1) if mean is None else mean
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1) if std is None else std
     return (x * 0.5 + 0.5 - mean) / std
 
 
@@ -138,6 +141,9 @@ class RelativePerceptualLoss(nn.Module):
             channels = self.vgg[RELU_INDEX[l] - 1].out_channels
             self.register_buffer(f"mean_{l}", torch.zeros(1, channels, 1, 1))
             self.register_buffer(f"std_{l}", torch.ones(1, channels, 1, 1))
+        # Not persistent: constants, so saved DPAs keep their state_dict keys.
+        self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.vgg.eval()
 
     def train(self, mode: bool = True) -> RelativePerceptualLoss:
@@ -153,18 +159,35 @@ class RelativePerceptualLoss(nn.Module):
 
     def features(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
         """Raw (unstandardised) ReLU features of a [-1,1] image at the requested layers."""
-        out, h, wanted = {}, to_vgg_input(x), {RELU_INDEX[l]: l for l in layers}
+        out, wanted = {}, {RELU_INDEX[l]: l for l in layers}
+        h = to_vgg_input(x, self.imagenet_mean.to(x.dtype), self.imagenet_std.to(x.dtype))
         for i, module in enumerate(self.vgg[: max(wanted) + 1]):
             h = module(h)
             if i in wanted:
                 out[wanted[i]] = h
         return out
 
+    def _standardise(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {l: (f.float() - getattr(self, f"mean_{l}")) / getattr(self, f"std_{l}") for l, f in raw.items()}
+
     def _standardised(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
-        return {
-            l: (f.float() - getattr(self, f"mean_{l}")) / getattr(self, f"std_{l}")
-            for l, f in self.features(x, layers).items()
-        }
+        return self._standardise(self.features(x, layers))
+
+    @torch.no_grad()
+    def target_features(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """Raw features of the loss's target image, without autograd: only x̂ needs gradients, so
+        the input gets its own pass that keeps no activations (as the reference does)."""
+        return self.features(x, layers)
+
+    def relative_to_target(
+        self, target: dict[str, torch.Tensor], x_hat: torch.Tensor, weights: dict[str, float]
+    ) -> torch.Tensor:
+        """Per-sample loss (shape B) of x̂ against the raw target features from `target_features`
+        (or a feature cache); equal to `forward(x, x̂)` with the VGG backward over x̂ alone."""
+        f_x = self._standardise({l: target[l] for l in weights})
+        f_hat = self._standardised(x_hat, list(weights))
+        diffs = ((w, (f_x[l] - f_hat[l]).abs(), f_x[l].abs().mean(dim=(1, 2, 3))) for l, w in weights.items())
+        return _relative_l1(diffs, weights)
 
     def _diffs(self, x: torch.Tensor, x_hat: torch.Tensor, weights: dict[str, float]):
         """Yield (weight, |f̂(x) − f̂(x̂)|, detached per-sample mean|f̂(x)|) per layer, one VGG pass."""

@@ -10,6 +10,9 @@ one `torch.Generator`, which a checkpoint stores, so "train N, stop, resume, tra
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,12 +22,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from model.batches import BatchSampler, apply_augment, augment, is_deterministic
 from model.config import AugmentConfig, DPAConfig
 from model.dpa import DPA, to_model_range
+from model.feature_cache import FeatureCache
 from model.perceptual import training_feature_stats
 from model.progressive import Stage, stage_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MAX_LOSS = 1e6  # the reference stops training above this too
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite or exploded: almost always a learning rate too high."""
 
 
 @dataclass(frozen=True)
@@ -56,53 +67,6 @@ def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
-class BatchSampler:
-    """Endless shuffled batches without replacement within an epoch, dropping the last partial batch."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        if n < batch_size:
-            raise ValueError(
-                f"only {n} training images for batch_size={batch_size}: lower train.batch_size or add normal images"
-            )
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self.perm[self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return idx
-
-    def state_dict(self) -> dict:
-        return {"perm": self.perm, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.perm, self.pos = state["perm"], int(state["pos"])
-
-
-def augment(x: torch.Tensor, size: int, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop to `size` (else centre crop) and random flips, as batched tensor ops."""
-    b, _, h, w = x.shape
-    if h > size or w > size:
-        if cfg.random_crop:
-            top = torch.randint(0, h - size + 1, (b,), generator=generator).to(x.device)
-            left = torch.randint(0, w - size + 1, (b,), generator=generator).to(x.device)
-            ar = torch.arange(size, device=x.device)
-            rows = (top[:, None] + ar)[:, None, :, None]
-            cols = (left[:, None] + ar)[:, None, None, :]
-            x = x[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
-        else:
-            top, left = (h - size) // 2, (w - size) // 2
-            x = x[..., top : top + size, left : left + size]
-    for enabled, dim in ((cfg.hflip, 3), (cfg.vflip, 2)):
-        if enabled:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(b, 1, 1, 1)
-            x = torch.where(flip, x.flip(dim), x)
-    return x
-
-
 class Trainer:
     def __init__(
         self,
@@ -129,11 +93,40 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.sampler = BatchSampler(len(images), cfg.train.batch_size, self.generator)
+        self.sampler = BatchSampler(images.shape, cfg.train.batch_size, cfg.network.max_res, cfg.train.augment,
+                                    self.generator, self.device)
         self.optimizer: torch.optim.Adam | None = None
         self.stage_index = self.step_in_stage = self.iteration = 0
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes per stage: autotune once
         if not (checkpoint_dir and self._resume()) and cfg.loss.feature_stats == "train":
             self._fit_feature_stats()
+        cacheable = is_deterministic(cfg.train.augment, images.shape[-1], cfg.network.max_res)
+        self.cache = (
+            FeatureCache(self.dpa, self.images, cfg.train.feature_cache_mb, self._autocast)
+            if cacheable and cfg.train.feature_cache_mb > 0 else None
+        )
+        self._alphas: dict[int, torch.Tensor] = {}
+        self._loss_fn = self._compiled_loss() if cfg.train.compile else self.dpa.stage_loss
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.cfg.train.bf16)
+
+    def _compiled_loss(self) -> Callable:
+        """torch.compile of the loss; the first failure (no compiler, unsupported op) falls back to eager."""
+        compiled = torch.compile(self.dpa.stage_loss, dynamic=False)
+
+        @functools.wraps(self.dpa.stage_loss)
+        def loss_fn(*args, **kwargs):
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - inductor/dynamo raise many types; all mean "run eager"
+                log.warning("train.compile: torch.compile failed (%s: %s); training continues eagerly",
+                            type(err).__name__, err)
+                self._loss_fn = self.dpa.stage_loss
+                return self.dpa.stage_loss(*args, **kwargs)
+
+        return loss_fn
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -147,19 +140,43 @@ class Trainer:
 
     def _new_optimizer(self) -> torch.optim.Adam:
         trainable = [p for p in self.dpa.parameters() if p.requires_grad]
-        return torch.optim.Adam(trainable, lr=self.cfg.train.lr)
+        return torch.optim.Adam(trainable, lr=self.cfg.train.lr, fused=self.device.type == "cuda" or None)
 
-    def _batch(self) -> torch.Tensor:
-        idx = self.sampler.next().to(self.device)
-        x = augment(self.images[idx], self.cfg.network.max_res, self.cfg.train.augment, self.generator)
-        return to_model_range(x).contiguous(memory_format=self.memory_format)
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, draws = self.sampler.next()
+        x = apply_augment(self.images[idx], self.cfg.network.max_res, draws)
+        return idx, to_model_range(x).contiguous(memory_format=self.memory_format)
+
+    def _alpha(self, stage: Stage) -> torch.Tensor | None:
+        """α of this step as a device tensor, sliced from the stage's precomputed ramp (no host copy)."""
+        if stage.kind == "stab":
+            return None
+        if stage.iters not in self._alphas:
+            ramp = [stage.alpha(i) for i in range(stage.iters)]
+            self._alphas = {stage.iters: torch.tensor(ramp, device=self.device)}
+        return self._alphas[stage.iters][self.step_in_stage]
+
+    def _cached(self, stage: Stage, idx: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """Target features from the cache where the stage's target is α-independent: the stab input,
+        and during trns into max_res the smooth loss's R/2 target (↓(fade(↑↓x, x)) = ↓x)."""
+        if self.cache is None:
+            return {}
+        if stage.kind == "stab":
+            res = stage.res
+        elif stage.res == self.cfg.network.max_res and self.cfg.train.smooth_pg_loss:
+            res = stage.res // 2
+        else:
+            return {}
+        features = self.cache.lookup(res, idx)
+        return {} if features is None else {res: features}
 
     def _step(self, stage: Stage) -> torch.Tensor:
         if self.optimizer is None:  # a new Adam at every stage, as the reference does
             self.optimizer = self._new_optimizer()
-        alpha = stage.alpha(self.step_in_stage)
-        with autocast(self.device, self.cfg.train.bf16):
-            loss = self.dpa.stage_loss(self._batch(), stage, alpha)
+        idx, x = self._batch()
+        cached = self._cached(stage, idx)
+        with self._autocast():
+            loss = self._loss_fn(x, stage, self._alpha(stage), cached)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -186,6 +203,7 @@ class Trainer:
             done = self.stage_index == len(self.stages) or self.iteration == until
             if self.iteration % self.cfg.train.log_every == 0 or done:
                 value = float(loss)  # the only host sync of the loop
+                self._check_loss(value, stage)
                 speed = window_images / (time.perf_counter() - window_start)
                 bar.set_postfix(stage=f"{stage.kind}@{stage.res}", loss=f"{value:.4f}")
                 info = StepInfo(self.iteration, self.total_iterations, stage_index, stage, alpha, value, speed)
@@ -197,6 +215,14 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         return self.dpa.eval()
+
+    def _check_loss(self, value: float, stage: Stage) -> None:
+        if not math.isfinite(value) or value > MAX_LOSS:
+            raise TrainingDiverged(
+                f"training diverged: loss={value} at iteration {self.iteration}/{self.total_iterations} "
+                f"({stage.kind}@{stage.res}); the likely cause is train.lr={self.cfg.train.lr} being too high "
+                "for this data and batch size: lower it (e.g. ÷10)"
+            )
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue exactly; written atomically (tmp file + rename)."""

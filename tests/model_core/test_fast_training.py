@@ -1,0 +1,90 @@
+"""The fast step computes what the straightforward one does: the input's features from a no-graph
+pass or the cache give the same loss and gradients as one VGG pass over [x, x̂] (the code before)."""
+
+import logging
+
+import pytest
+import torch
+
+from model.dpa import DPA
+from model.networks import fade
+from model.progressive import Stage, downsample, stage_input
+from model.trainer import Trainer, TrainingDiverged
+from tests.model_core.conftest import blob_images, tiny_config
+
+
+def concatenated_stage_loss(dpa: DPA, x: torch.Tensor, stage: Stage, alpha: float | None) -> torch.Tensor:
+    """The stage loss as computed before: `perceptual(x, x̂)` runs VGG over x and x̂ in one graph."""
+    x_res = stage_input(x, stage.res, alpha)
+    x_hat = dpa.reconstruct(x_res, stage.res, alpha)
+    loss = dpa.perceptual(x_res, x_hat, dpa.cfg.loss.layers_at(stage.res))
+    if alpha is not None and dpa.cfg.train.smooth_pg_loss:
+        half = stage.res // 2
+        low = dpa.perceptual(downsample(x_res, half), downsample(x_hat, half), dpa.cfg.loss.layers_at(half))
+        loss = fade(low, loss, alpha)
+    return loss.mean()
+
+
+def _loss_and_grads(dpa: DPA, loss: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    params = [p for p in dpa.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.item(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+CASES = {
+    "stab": (tiny_config(res=16, initial_res=8, stab_iters=2, trns_iters=4), 16, Stage("stab", 8, 2), 1, True),
+    "transition": (tiny_config(res=16, initial_res=8, stab_iters=2, trns_iters=4), 16, Stage("trns", 16, 4), 1, True),
+    "random_crop": (
+        tiny_config(res=16, augment={"random_crop": True, "hflip": True, "vflip": True}), 24, Stage("stab", 16, 4), None, False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_step_has_the_same_loss_and_gradients(case) -> None:
+    cfg, stored, stage, step, uses_cache = CASES[case]
+    trainer = Trainer(cfg, blob_images(24, stored, seed=3), progress=False)
+    trainer.step_in_stage = step or 0
+    idx, x = trainer._batch()
+    cached = trainer._cached(stage, idx)
+    assert bool(cached) is uses_cache
+    alpha = trainer._alpha(stage)
+    fast = _loss_and_grads(trainer.dpa, trainer.dpa.stage_loss(x, stage, alpha, cached))
+    slow = _loss_and_grads(trainer.dpa, concatenated_stage_loss(trainer.dpa, x, stage, stage.alpha(step or 0)))
+    assert fast[0] == pytest.approx(slow[0], rel=1e-6)
+    for g_fast, g_slow in zip(fast[1], slow[1]):
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-7)
+    no_graph = _loss_and_grads(trainer.dpa, trainer.dpa.stage_loss(x, stage, alpha))  # the cache-free path
+    assert no_graph[0] == pytest.approx(slow[0], rel=1e-6)
+
+
+def test_cache_over_budget_falls_back_to_the_no_graph_pass(caplog) -> None:
+    cfg = tiny_config(res=16, feature_cache_mb=1)  # 24 images × 64 ch × 16² × 4 B = 1.5 MiB
+    trainer = Trainer(cfg, blob_images(24, 16, seed=0), progress=False)
+    with caplog.at_level(logging.WARNING, logger="model.feature_cache"):
+        trainer.fit()
+    assert "needs 2 MiB > train.feature_cache_mb=1" in caplog.text
+    assert trainer.cache.features is None
+
+
+def test_the_cache_is_not_built_for_random_inputs() -> None:
+    cfg = tiny_config(res=16, augment={"hflip": True})
+    assert Trainer(cfg, blob_images(24, 16, seed=0), progress=False).cache is None
+
+
+def test_a_diverging_loss_stops_training_naming_iteration_and_learning_rate() -> None:
+    cfg = tiny_config(res=16, lr=1e6, stab_iters=40, log_every=10)
+    with pytest.raises(TrainingDiverged, match=r"at iteration (10|20|30|40)/40 .*train\.lr=1000000\.0"):
+        Trainer(cfg, blob_images(24, 16, seed=0), progress=False).fit()
+
+
+def test_resume_is_exact_with_random_crops_and_flips(tmp_path) -> None:
+    """The per-epoch plan of indices and augmentation draws is part of the checkpoint."""
+    cfg = tiny_config(res=16, stab_iters=8, augment={"random_crop": True, "hflip": True, "vflip": True})
+    images = blob_images(20, 20, seed=1)  # 2 full batches per epoch: the run crosses epoch boundaries
+    full = Trainer(cfg, images, progress=False).fit()
+    Trainer(cfg, images, checkpoint_dir=tmp_path, progress=False).fit(until=3)
+    torch.manual_seed(7)
+    resumed = Trainer(cfg, images, checkpoint_dir=tmp_path, progress=False).fit()
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
