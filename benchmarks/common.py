@@ -12,20 +12,40 @@ from model.config import DPAConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def preset_dpa_config(name: str, **train_overrides) -> DPAConfig:
-    """The preset's DPA config at its final stage (no PG: throughput of the max-resolution network),
-    with seeded random VGG weights so the benchmark runs offline (the speed does not depend on them)."""
-    doc = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["dpa"]
-    doc["loss"] = {**doc["loss"], "vgg_weights": "random"}
+def _preset(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+def preset_dpa_config(name: str, stage: str = "stab", layer: str | None = None, **train_overrides) -> DPAConfig:
+    """The preset's DPA config at one stage of max resolution, with seeded random VGG weights so the
+    benchmark runs offline (the speed does not depend on them).
+
+    stage="stab": the max-resolution network alone (no PG); "trns": only the transition into
+    max_res (α fade and the smooth loss at R/2). `layer` replaces the loss layers (weight 1).
+    `train_overrides["iters"]` sets the length of that one stage.
+    """
+    doc = _preset(name)["dpa"]
     max_res = doc["network"]["max_res"]
-    doc["loss"]["layers"] = {max_res: doc["loss"]["layers"][max_res]}
-    doc["train"] = {**doc.get("train", {}), "initial_res": None, "iters_per_res": {}, **train_overrides}
+    iters = train_overrides.pop("iters", 10)
+    keep = [max_res] if stage == "stab" else [max_res // 2, max_res]
+    layers = {r: ({layer: 1.0} if layer else doc["loss"]["layers"][r]) for r in keep}
+    doc["loss"] = {**doc["loss"], "vgg_weights": "random", "layers": layers}
+    schedule = {"initial_res": None, "iters_per_res": {}, "stab_iters": iters}
+    if stage == "trns":
+        schedule = {"initial_res": max_res // 2, "stab_iters": 0, "trns_iters": iters, "iters_per_res": {}}
+    doc["train"] = {**doc.get("train", {}), **schedule, **train_overrides}
     return DPAConfig.model_validate(doc)
 
 
-def random_images(cfg: DPAConfig, n: int, seed: int = 0) -> torch.Tensor:
+def stored_res(name: str) -> int:
+    """The resolution the preset's images are stored at (Camelyon16: 192, random-cropped to 64)."""
+    return int(_preset(name)["preprocess"]["size"])
+
+
+def random_images(cfg: DPAConfig, n: int, seed: int = 0, res: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (n, cfg.network.image_channels, cfg.network.max_res, cfg.network.max_res)
+    res = res or cfg.network.max_res
+    shape = (n, cfg.network.image_channels, res, res)
     return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
 
 

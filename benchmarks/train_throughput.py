@@ -1,6 +1,10 @@
-"""Training and scoring throughput (images/s) of a preset on the current device, warm-up excluded.
+"""Training throughput of a preset on the current device: images/s, ms/step and achieved TFLOP/s.
+
+One row per variant (feature cache on/off × compile on/off), warm-up excluded; FLOPs per step are
+counted by torch.utils.flop_counter on one eager step of the same variant (forward + backward).
 
     python benchmarks/train_throughput.py --preset nih_pa_wo_pg --iters 20
+    python benchmarks/train_throughput.py --preset demo --layer r32 --batch-size 64 --threads 2
 """
 
 from __future__ import annotations
@@ -9,50 +13,69 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from common import preset_dpa_config, random_images, sync
-from model.scoring import score_images
+from common import preset_dpa_config, random_images, stored_res, sync
 from model.trainer import Trainer
+
+CHOICES = {"on": [True], "off": [False], "both": [True, False]}
+
+
+def measure(args: argparse.Namespace, cache: bool, compile_: bool) -> dict:
+    overrides = {"iters": args.warmup + args.iters + 1, "device": args.device, "log_every": 10**9}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if not cache:
+        overrides["feature_cache_mb"] = 0
+    if compile_:
+        overrides["compile"] = True
+    cfg = preset_dpa_config(args.preset, args.stage, args.layer, **overrides)
+    bs = cfg.train.batch_size
+    images = random_images(cfg, max(2 * bs, args.n_images), res=stored_res(args.preset))
+    trainer = Trainer(cfg, images, progress=False)
+    trainer.fit(until=args.warmup)  # includes building the cache and compiling
+    sync(trainer.device)
+    start = time.perf_counter()
+    trainer.fit(until=args.warmup + args.iters)
+    sync(trainer.device)
+    seconds = time.perf_counter() - start
+    trainer._loss_fn = trainer.dpa.stage_loss  # count the eager step: the same arithmetic
+    with FlopCounterMode(display=False) as counter:
+        trainer.fit(until=args.warmup + args.iters + 1)
+    ms = 1000 * seconds / args.iters
+    return {
+        "device": trainer.device, "cfg": cfg, "cache": cache and getattr(trainer, "cache", None) is not None, "compile": compile_,
+        "images_per_s": args.iters * bs / seconds, "ms_per_step": ms,
+        "tflops": counter.get_total_flops() / (ms / 1000) / 1e12,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--iters", type=int, default=10, help="timed training iterations")
+    parser.add_argument("--stage", choices=["stab", "trns"], default="stab", help="trns: the transition into max_res")
+    parser.add_argument("--layer", default=None, help="replace the preset's loss layers, e.g. r32")
+    parser.add_argument("--iters", type=int, default=20, help="timed training iterations")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     parser.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
-    parser.add_argument("--score-images", type=int, default=512)
+    parser.add_argument("--n-images", type=int, default=1024, help="training set size (the cache covers it)")
+    parser.add_argument("--cache", choices=CHOICES, default="on")
+    parser.add_argument("--compile", choices=CHOICES, default="off")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-
-    overrides = {"stab_iters": args.warmup + args.iters, "device": args.device, "log_every": 10**9}
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    cfg = preset_dpa_config(args.preset, **overrides)
-    bs = cfg.train.batch_size
-    trainer = Trainer(cfg, random_images(cfg, max(bs, 256)), progress=False)
-    device = trainer.device
-    trainer.fit(until=args.warmup)
-    sync(device)
-    start = time.perf_counter()
-    trainer.fit(until=args.warmup + args.iters)
-    sync(device)
-    train_ips = args.iters * bs / (time.perf_counter() - start)
-
-    dpa = trainer.dpa
-    images = random_images(cfg, args.score_images, seed=1)
-    score_images(dpa, images[: cfg.train.score_batch_size * 2], cfg.train.score_batch_size)
-    sync(device)
-    start = time.perf_counter()
-    score_images(dpa, images, cfg.train.score_batch_size)
-    sync(device)
-    score_ips = len(images) / (time.perf_counter() - start)
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    net = cfg.network
-    print(f"preset={args.preset} device={name} res={net.max_res} channels={net.image_channels} batch={bs} "
-          f"layers={cfg.loss.layers_at(net.max_res)} bf16={device.type == 'cuda' and cfg.train.bf16}")
-    print(f"train_images_per_s={train_ips:.1f}  score_images_per_s={score_ips:.1f}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for compile_ in CHOICES[args.compile]:
+        for cache in CHOICES[args.cache]:
+            r = measure(args, cache, compile_)
+            device = r["device"]
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu({torch.get_num_threads()}t)"
+            net, cfg = r["cfg"].network, r["cfg"]
+            print(f"preset={args.preset} stage={args.stage} device={name} res={net.max_res} batch={cfg.train.batch_size} "
+                  f"layers={','.join(cfg.loss.layers_at(net.max_res))} bf16={device.type == 'cuda' and cfg.train.bf16} "
+                  f"cache={r['cache']} compile={r['compile']} images_per_s={r['images_per_s']:.1f} "
+                  f"ms_per_step={r['ms_per_step']:.2f} tflops={r['tflops']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
