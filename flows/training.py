@@ -98,7 +98,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         run_id = run.info.run_id
         checkpoints = project / ".dpa" / "checkpoints" / dataset.version / config_digest(cfg)
         dpa = train(cfg.dpa, data.subset(split="train", label="normal").images, checkpoints, run_id)
-        mlflow.set_tags({"vgg_weights": dpa.vgg_source, "device": str(next(dpa.parameters()).device)})
+        mlflow.set_tags({"vgg_weights": dpa.vgg_source, "feature_stats": dpa.feature_stats, "device": str(next(dpa.parameters()).device)})
         evaluation = evaluate(dpa, data, cfg, dataset.version, run_id)
         version = register_model(dpa, evaluation, cfg, run_id)
         decision = promote_model(

@@ -100,8 +100,11 @@ class LossConfig(BaseModel):
         "with a loud warning), or a path to a VGG19 state_dict file",
     )
     vgg_seed: int = 0
-    feature_stats: Literal["imagenet", "train"] = Field(
-        "imagenet", description="per-channel standardisation: the reference ImageNet statistics or the training normals'"
+    feature_stats: Literal["auto", "imagenet", "train"] = Field(
+        "auto",
+        description="per-channel standardisation: imagenet (the authors' reference statistics), train (the "
+        "training normals'), or auto (imagenet with ImageNet weights, train with random or other weights: the "
+        "reference statistics belong to the ImageNet network only)",
     )
 
     @model_validator(mode="after")

@@ -132,7 +132,7 @@ class Trainer:
         self.sampler = BatchSampler(len(images), cfg.train.batch_size, self.generator)
         self.optimizer: torch.optim.Adam | None = None
         self.stage_index = self.step_in_stage = self.iteration = 0
-        if not (checkpoint_dir and self._resume()) and cfg.loss.feature_stats == "train":
+        if not (checkpoint_dir and self._resume()) and self.dpa.feature_stats == "train":
             self._fit_feature_stats()
 
     @property
