@@ -44,22 +44,24 @@ def train(
     model_name: Annotated[Optional[str], typer.Option(help="registered model name")] = None,
 ) -> None:
     """Run the training pipeline: data → validate → preprocess → train → evaluate → register → promote."""
-    from flows.training import training_pipeline
+    from flows.training import baseline_line, training_pipeline
 
     summary = training_pipeline(_params(preset, overrides, dataset, model_name))
     typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(baseline_line(summary))
 
 
 @app.command()
 def demo() -> None:
     """The main job on the embedded default: synthetic phantoms, offline, on CPU, a few minutes."""
-    from flows.training import training_pipeline
+    from flows.training import baseline_line, training_pipeline
     from tasks.config import project_dir
     from tasks.tracking import tracking_uri
 
     s = training_pipeline(_params("demo", None, None, None))
     typer.echo(
         f"\nTest AUROC {s['auroc']:.3f} (95% CI {s['auroc_ci'][0]:.3f}–{s['auroc_ci'][1]:.3f}) on data version {s['data_version']}\n"
+        f"{baseline_line(s)}\n"
         f"Registered {s['model_name']} version {s['version']} with alias 'challenger'"
         f"{' and promoted to champion' if s['promoted'] else ''}.\n"
         f"Promotion decision: {s['decision']}\n\n"

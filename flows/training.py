@@ -20,7 +20,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_config
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
-from tasks.evaluation import evaluate
+from tasks.evaluation import ModelEvaluation, evaluate
 from tasks.preprocessing import PreprocessedDataset, preprocess
 from tasks.registry import promote_model, register_model
 from tasks.scoring import auroc_rescorer
@@ -42,6 +42,8 @@ class TrainingSummary:
     auroc_ci: tuple[float, float]
     promoted: bool
     decision: str
+    baselines: dict[str, dict[str, float]]
+    baseline_warning: str | None
 
 
 def resolve_data(cfg: RunConfig, project: Path, report_dir: Path) -> DatasetRef:
@@ -79,11 +81,32 @@ def publish(summary: TrainingSummary, tracking_url: str) -> None:
     create_table_artifact(
         [{"metric": "test AUROC", "value": f"{summary.auroc:.4f}"},
          {"metric": "AUROC 95% CI", "value": f"[{summary.auroc_ci[0]:.4f}, {summary.auroc_ci[1]:.4f}]"},
+         *baseline_rows(summary),
          {"metric": "data version", "value": summary.data_version},
          {"metric": "model version", "value": f"{summary.model_name} v{summary.version}"}],
         key="dpa-metrics", description="Test metrics of this training run",
     )
     create_link_artifact(tracking_url, link_text="MLflow run", key="dpa-mlflow-run")
+
+
+def baseline_summary(evaluation: ModelEvaluation) -> dict[str, dict[str, float]]:
+    """Each baseline's test AUROC and CI, for the summary the CLI prints."""
+    return {name: {"auroc": e.auroc, "ci_low": e.auroc_ci_low, "ci_high": e.auroc_ci_high}
+            for name, e in evaluation.baselines.items()}
+
+
+def baseline_rows(summary: TrainingSummary) -> list[dict[str, str]]:
+    """Metrics-table rows: each baseline beside the DPA, and the warning when the DPA loses."""
+    rows = [{"metric": f"baseline {name} test AUROC",
+             "value": f"{b['auroc']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}]"} for name, b in summary.baselines.items()]
+    return rows + ([{"metric": "warning", "value": summary.baseline_warning}] if summary.baseline_warning else [])
+
+
+def baseline_line(summary: dict) -> str:
+    """One line for the console: the DPA beside the baselines, and the warning when it loses."""
+    figures = ", ".join(f"{name} {b['auroc']:.3f}" for name, b in summary["baselines"].items())
+    line = f"test AUROC: DPA {summary['auroc']:.3f}; baselines {figures}"
+    return line + (f"\n{summary['baseline_warning']}" if summary["baseline_warning"] else "")
 
 
 @flow(name="dpa-training", log_prints=True)
@@ -110,8 +133,11 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         run_id=run_id, experiment_id=run.info.experiment_id, model_name=cfg.registry.model_name,
         version=decision.version, data_version=dataset.version, auroc=evaluation.metrics.auroc,
         auroc_ci=(evaluation.metrics.auroc_ci_low, evaluation.metrics.auroc_ci_high), promoted=decision.promoted,
-        decision=decision.summary,
+        decision=decision.summary, baselines=baseline_summary(evaluation),
+        baseline_warning=evaluation.baseline_warning,
     )
     publish(summary, f"{tracking_ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     print(f"test AUROC {summary.auroc:.4f} (95% CI {summary.auroc_ci[0]:.4f}–{summary.auroc_ci[1]:.4f}); {decision.summary}")
-    return asdict(summary)
+    result = asdict(summary)
+    print(baseline_line(result))
+    return result
