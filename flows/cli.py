@@ -42,10 +42,12 @@ def train(
     overrides: OverrideOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help='data source as JSON, e.g. \'{"importer": "dvc"}\'')] = None,
     model_name: Annotated[Optional[str], typer.Option(help="registered model name")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="train N seeds in parallel, report mean ± std (dpa.train.seeds)")] = None,
 ) -> None:
     """Run the training pipeline: data → validate → preprocess → train → evaluate → register → promote."""
     from flows.training import baseline_line, training_pipeline
 
+    overrides = [*(overrides or []), *([f"dpa.train.seeds={seeds}"] if seeds else [])]
     summary = training_pipeline(_params(preset, overrides, dataset, model_name))
     typer.echo(json.dumps(summary, indent=2, default=str))
     typer.echo(baseline_line(summary))

@@ -147,6 +147,7 @@ class TrainConfig(BaseModel):
     smooth_pg_loss: bool = True
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
+    seeds: int = Field(1, ge=1, description="train this many seeds (seed, seed+1, …) in parallel and report their spread")
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     checkpoint_every: int = Field(0, description="save a resumable checkpoint every N iterations (0: only at the end)")
