@@ -53,6 +53,12 @@ def train(
     typer.echo(baseline_line(summary))
 
 
+DEMO_WEIGHTS_NOTE = (
+    "Offline the demo's VGG19 has random weights, which are not the paper's perceptual space; "
+    "README 'Demo vs baselines' shows how to run it with ImageNet weights.\n"
+)
+
+
 @app.command()
 def demo() -> None:
     """The main job on the embedded default: synthetic phantoms, offline, on CPU, a few minutes."""
@@ -63,7 +69,7 @@ def demo() -> None:
     s = training_pipeline(_params("demo", None, None, None))
     typer.echo(
         f"\nTest AUROC {s['auroc']:.3f} (95% CI {s['auroc_ci'][0]:.3f}–{s['auroc_ci'][1]:.3f}) on data version {s['data_version']}\n"
-        f"{baseline_line(s)}\n"
+        f"{baseline_line(s)}\n{DEMO_WEIGHTS_NOTE if s['baseline_warning'] else ''}"
         f"Registered {s['model_name']} version {s['version']} with alias 'challenger'"
         f"{' and promoted to champion' if s['promoted'] else ''}.\n"
         f"Promotion decision: {s['decision']}\n\n"
