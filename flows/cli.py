@@ -42,24 +42,34 @@ def train(
     overrides: OverrideOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help='data source as JSON, e.g. \'{"importer": "dvc"}\'')] = None,
     model_name: Annotated[Optional[str], typer.Option(help="registered model name")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="train N seeds in parallel, report mean ± std (dpa.train.seeds)")] = None,
 ) -> None:
     """Run the training pipeline: data → validate → preprocess → train → evaluate → register → promote."""
-    from flows.training import training_pipeline
+    from flows.training import baseline_line, training_pipeline
 
+    overrides = [*(overrides or []), *([f"dpa.train.seeds={seeds}"] if seeds else [])]
     summary = training_pipeline(_params(preset, overrides, dataset, model_name))
     typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(baseline_line(summary))
+
+
+DEMO_WEIGHTS_NOTE = (
+    "Offline the demo's VGG19 has random weights, which are not the paper's perceptual space; "
+    "README 'Demo vs baselines' shows how to run it with ImageNet weights.\n"
+)
 
 
 @app.command()
 def demo() -> None:
     """The main job on the embedded default: synthetic phantoms, offline, on CPU, a few minutes."""
-    from flows.training import training_pipeline
+    from flows.training import baseline_line, training_pipeline
     from tasks.config import project_dir
     from tasks.tracking import tracking_uri
 
     s = training_pipeline(_params("demo", None, None, None))
     typer.echo(
         f"\nTest AUROC {s['auroc']:.3f} (95% CI {s['auroc_ci'][0]:.3f}–{s['auroc_ci'][1]:.3f}) on data version {s['data_version']}\n"
+        f"{baseline_line(s)}\n{DEMO_WEIGHTS_NOTE if s['baseline_warning'] else ''}"
         f"Registered {s['model_name']} version {s['version']} with alias 'challenger'"
         f"{' and promoted to champion' if s['promoted'] else ''}.\n"
         f"Promotion decision: {s['decision']}\n\n"

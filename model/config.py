@@ -100,8 +100,11 @@ class LossConfig(BaseModel):
         "with a loud warning), or a path to a VGG19 state_dict file",
     )
     vgg_seed: int = 0
-    feature_stats: Literal["imagenet", "train"] = Field(
-        "imagenet", description="per-channel standardisation: the reference ImageNet statistics or the training normals'"
+    feature_stats: Literal["auto", "imagenet", "train"] = Field(
+        "auto",
+        description="per-channel standardisation: imagenet (the authors' reference statistics), train (the "
+        "training normals'), or auto (imagenet with ImageNet weights, train with random or other weights: the "
+        "reference statistics belong to the ImageNet network only)",
     )
 
     @model_validator(mode="after")
@@ -144,6 +147,7 @@ class TrainConfig(BaseModel):
     smooth_pg_loss: bool = True
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
+    seeds: int = Field(1, ge=1, description="train this many seeds (seed, seed+1, …) in parallel and report their spread")
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     checkpoint_every: int = Field(0, description="save a resumable checkpoint every N iterations (0: only at the end)")

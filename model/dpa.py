@@ -20,6 +20,7 @@ from model.perceptual import (
     bare_vgg19_features,
     load_vgg_features,
     reference_feature_stats,
+    resolve_feature_stats,
 )
 from model.progressive import Stage, downsample, stage_input
 
@@ -45,7 +46,8 @@ class DPA(nn.Module):
         self.decoder = Decoder(cfg.network, cfg.initial_res)
         layers = {l for res in resolution_levels(cfg.initial_res, cfg.network.max_res) for l in cfg.loss.layers_at(res)}
         self.perceptual = RelativePerceptualLoss(vgg.features, sorted(layers))
-        if cfg.loss.feature_stats == "imagenet":
+        self.feature_stats = resolve_feature_stats(cfg.loss.feature_stats, vgg.description)
+        if self.feature_stats == "imagenet":
             self.perceptual.set_stats(reference_feature_stats(self.perceptual.layers))
 
     @classmethod
@@ -119,6 +121,7 @@ def save_dpa(dpa: DPA, path: Path) -> None:
         "format_version": FORMAT_VERSION,
         "config": dpa.cfg.model_dump(mode="json"),
         "vgg_source": dpa.vgg_source,
+        "feature_stats": dpa.feature_stats,
         "state_dict": {k: v.detach().cpu() for k, v in dpa.state_dict().items()},
     }
     torch.save(payload, path)

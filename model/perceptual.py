@@ -109,6 +109,17 @@ def load_vgg_features(source: str, seed: int = 0) -> VGGSource:
     return VGGSource(*_file_features(path))
 
 
+def resolve_feature_stats(choice: str, vgg_description: str) -> str:
+    """`imagenet` or `train` for a configured `feature_stats` and the VGG weights actually loaded.
+
+    The reference statistics describe the ImageNet VGG19's features only; with random or other
+    weights they are several times off, so `auto` standardises by the training normals instead.
+    """
+    if choice != "auto":
+        return choice
+    return "imagenet" if vgg_description == "imagenet" else "train"
+
+
 def reference_feature_stats(layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The authors' per-channel ImageNet (mean, std) of each layer, shipped with the package."""
     path = resources.files("model") / "resources" / "vgg19_imagenet_feature_stats.npz"

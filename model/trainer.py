@@ -99,7 +99,7 @@ class Trainer:
         self.stage_index = self.step_in_stage = self.iteration = 0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes per stage: autotune once
-        if not (checkpoint_dir and self._resume()) and cfg.loss.feature_stats == "train":
+        if not (checkpoint_dir and self._resume()) and self.dpa.feature_stats == "train":
             self._fit_feature_stats()
         cacheable = is_deterministic(cfg.train.augment, images.shape[-1], cfg.network.max_res)
         self.cache = (

@@ -32,6 +32,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from data_layer.manifest import ABNORMAL, ANOMALY_TYPE, LABELS
 from data_layer.preprocessing import PreprocessedDataset
+from model.baselines import DESCRIPTIONS, fit_baselines
 from model.dpa import DPA, center_crop
 from model.scoring import anomaly_maps, score_images
 
@@ -111,6 +112,56 @@ def _bootstrap_auroc_ci(
     aurocs = (abnormal_ranks - len(abnormal) * (len(abnormal) + 1) / 2) / (len(normal) * len(abnormal))
     low, high = np.percentile(aurocs, [2.5, 97.5])
     return float(low), float(high)
+
+
+def baseline_evaluations(data: PreprocessedDataset, crop: int, seed: int = 0) -> dict[str, Evaluation]:
+    """Each pixel-space baseline fitted on the training normals only, scored on the test split.
+
+    Images are centre-cropped to `crop` (the DPA's max_res) as the DPA scores them."""
+    def view(images: torch.Tensor) -> torch.Tensor:
+        return center_crop(images, crop) if images.shape[-1] > crop else images
+
+    fitted = fit_baselines(view(data.subset(split="train", label="normal").images))
+    test = data.subset(split="test")
+    scores = fitted.score(view(test.images))
+    return {name: evaluate_scores(test.labels.numpy(), s, seed=seed) for name, s in scores.items()}
+
+
+def baseline_warning(dpa_auroc: float, baselines: dict[str, Evaluation]) -> str | None:
+    """A plain sentence when the DPA's test AUROC does not beat the best baseline's."""
+    if not baselines:
+        return None
+    name, best = max(baselines.items(), key=lambda item: item[1].auroc)
+    if dpa_auroc > best.auroc:
+        return None
+    return (
+        f"WARNING: the DPA (test AUROC {dpa_auroc:.3f}) does not beat the {name} baseline "
+        f"({best.auroc:.3f}; {DESCRIPTIONS[name]}). Check the VGG weights (random weights are not the "
+        "paper's perceptual space), the feature statistics and the schedule before trusting this model."
+    )
+
+
+def baseline_metrics(baselines: dict[str, Evaluation]) -> dict[str, float]:
+    """MLflow metric names `test_baseline_<name>_auroc`, `..._auroc_ci_low`, `..._auroc_ci_high`."""
+    return {
+        f"test_baseline_{name}_{key}": float(getattr(e, key))
+        for name, e in baselines.items()
+        for key in ("auroc", "auroc_ci_low", "auroc_ci_high")
+    }
+
+
+def _baseline_section(dpa_auroc: float, baselines: dict[str, Evaluation]) -> str:
+    if not baselines:
+        return ""
+    rows = "\n".join(
+        f"| {name}: {DESCRIPTIONS[name]} | {e.auroc:.4f} ({e.auroc_ci_low:.4f}–{e.auroc_ci_high:.4f}) |"
+        for name, e in baselines.items()
+    )
+    warning = baseline_warning(dpa_auroc, baselines)
+    return (
+        "\n\n## Baselines (same training normals, same test split)\n| detector | test AUROC (95% CI) |\n|---|---|\n"
+        f"| DPA (this model) | {dpa_auroc:.4f} |\n{rows}" + (f"\n\n**{warning}**" if warning else "")
+    )
 
 
 log = logging.getLogger(__name__)
@@ -230,6 +281,8 @@ def model_card(
     vgg_source: str,
     image_size: int,
     image_channels: int,
+    feature_stats: str | None = None,
+    baselines: dict[str, Evaluation] | None = None,
 ) -> str:
     """The Markdown model card logged next to the model: what it is for and what it is not."""
     e = evaluation
@@ -258,13 +311,13 @@ only. **Not a medical device; not for diagnosis or any clinical decision.**
 |---|---|
 | AUROC | {e.auroc:.4f} (95% CI {e.auroc_ci_low:.4f}–{e.auroc_ci_high:.4f}, stratified bootstrap) |
 | AUPRC | {e.auprc:.4f} |
-| sensitivity at 95% specificity | {e.sensitivity_at_95_specificity:.4f} |
+| sensitivity at 95% specificity | {e.sensitivity_at_95_specificity:.4f} |{_baseline_section(e.auroc, baselines or {})}
 
 ## Operating threshold
 `{threshold:.6g}`: {threshold_rule}. `is_anomaly` in the served output is `anomaly_score > threshold`.
 
 ## Method details
-- perceptual network: VGG19 features, weights source: {vgg_source}
+- perceptual network: VGG19 features, weights source: {vgg_source}; feature statistics: {feature_stats or "not recorded"}
 - anomaly score: relative perceptual L1 reconstruction loss at the final resolution
 
 ## Limitations
@@ -284,6 +337,11 @@ class ModelEvaluation(BaseModel):
     threshold: float
     threshold_rule: str
     val_auroc: float | None = None
+    baselines: dict[str, Evaluation] = {}
+
+    @property
+    def baseline_warning(self) -> str | None:
+        return baseline_warning(self.metrics.auroc, self.baselines)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -305,13 +363,17 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         threshold=operating_threshold(normal_scores, quantile),
         threshold_rule=threshold_rule(quantile, source),
         val_auroc=float(roc_auc_score(val_labels, val_scores)) if 0 < val_labels.sum() < len(val_labels) else None,
+        baselines=baseline_evaluations(data, dpa.max_res, seed=cfg.dpa.train.seed),
     )
+    if result.baseline_warning:
+        log.warning(result.baseline_warning)
     _log_metrics(result, run_id)
     card = model_card(
         result.metrics, model_name=cfg.registry.model_name, data_version=data_version,
         dataset=cfg.description or cfg.dataset.importer, threshold=result.threshold,
         threshold_rule=result.threshold_rule, vgg_source=dpa.vgg_source,
         image_size=cfg.preprocess.size, image_channels=cfg.preprocess.channels,
+        feature_stats=dpa.feature_stats, baselines=result.baselines,
     )
     types = test.manifest[ANOMALY_TYPE]
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,7 +389,7 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
 
 
 def _log_metrics(result: ModelEvaluation, run_id: str) -> None:
-    figures = result.metrics.as_mlflow_metrics() | {"operating_threshold": result.threshold}
+    figures = result.metrics.as_mlflow_metrics() | {"operating_threshold": result.threshold} | baseline_metrics(result.baselines)
     if result.val_auroc is not None:
         figures["val_auroc"] = result.val_auroc
     now = get_current_time_millis()

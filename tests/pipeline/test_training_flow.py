@@ -33,6 +33,12 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
     run = client.get_run(first["run_id"])
     assert run.data.tags["data_version"] == first["data_version"] == (project / "data.dvc").read_text().split("md5: ")[1][:32]
     assert run.data.tags["vgg_weights"] == "random:seed=0" and run.data.tags["device"] == "cpu"
+    assert run.data.tags["feature_stats"] == "train"  # auto with random weights
+    assert set(first["baselines"]) == {"pca", "mean_image"}
+    for baseline, figures in first["baselines"].items():
+        assert run.data.metrics[f"test_baseline_{baseline}_auroc"] == figures["auroc"]
+    beaten = first["auroc"] > max(b["auroc"] for b in first["baselines"].values())
+    assert (first["baseline_warning"] is None) == beaten
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())  # the embedded store keeps artifacts in the project
     assert run.data.params["dpa.train.stab_iters"] == "20"
     for metric in ("test_auroc", "test_auprc", "test_auroc_ci_low", "test_auroc_ci_high", "train_loss"):
