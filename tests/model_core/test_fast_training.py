@@ -53,7 +53,8 @@ def test_fast_step_has_the_same_loss_and_gradients(case) -> None:
     slow = _loss_and_grads(trainer.dpa, concatenated_stage_loss(trainer.dpa, x, stage, stage.alpha(step or 0)))
     assert fast[0] == pytest.approx(slow[0], rel=1e-6)
     for g_fast, g_slow in zip(fast[1], slow[1]):
-        torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-7)
+        # float32 sums in another order: agree to 1e-5 of the layer's largest gradient
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5 * float(g_slow.abs().max()) + 1e-12)
     no_graph = _loss_and_grads(trainer.dpa, trainer.dpa.stage_loss(x, stage, alpha))  # the cache-free path
     assert no_graph[0] == pytest.approx(slow[0], rel=1e-6)
 
