@@ -55,7 +55,8 @@ def _ask_to_stop(signum: int, frame: FrameType | None) -> None:
 @contextmanager
 def stop_on_signal() -> Iterator[None]:
     """Within the block, SIGTERM/SIGINT request a stop instead of interrupting. Nested blocks reuse
-    the outer handlers; outside the main thread (where signals cannot be handled) this is a no-op."""
+    the outer handlers; outside the main thread (where signals cannot be handled) this is a no-op.
+    A request outlives the block: worker threads still running must see it, the process is stopping."""
     global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -70,8 +71,6 @@ def stop_on_signal() -> Iterator[None]:
             _depth -= 1
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if _depth == 0:
-                _requested.clear()
 
 
 def checkpoint_on_stop(trainer: Trainer) -> Callable[[StepInfo], None]:
