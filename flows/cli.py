@@ -34,9 +34,13 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 @contextmanager
 def exit_code_on_signal() -> Iterator[None]:
-    """A stop on SIGINT/SIGTERM exits 130/143 (128 + the signal), as shells and supervisors expect."""
+    """A stop on SIGINT/SIGTERM exits 130/143 (128 + the signal), as shells and supervisors expect.
+    Long work inside saves its state first (see tasks.interrupt)."""
     from prefect.exceptions import TerminationSignal
 
+    from tasks.interrupt import stop_now
+
+    previous = signal.signal(signal.SIGTERM, stop_now)
     try:
         yield
     except KeyboardInterrupt:
@@ -45,6 +49,8 @@ def exit_code_on_signal() -> Iterator[None]:
     except TerminationSignal as exc:
         typer.echo(f"stopped by {signal.Signals(exc.signal).name}; rerun the same command to resume", err=True)
         raise typer.Exit(128 + exc.signal) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _params(preset: str, overrides: list[str] | None, dataset: str | None, model_name: str | None):

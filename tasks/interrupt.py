@@ -45,6 +45,11 @@ def raise_if_stopping() -> None:
         raise interruption(signum)
 
 
+def stop_now(signum: int, frame: FrameType | None) -> None:
+    """A handler that stops at once (outside the safe-point blocks, nothing needs saving)."""
+    raise interruption(signum)
+
+
 def _ask_to_stop(signum: int, frame: FrameType | None) -> None:
     if _requested:  # a second signal: stop now, wherever we are
         raise interruption(signum)
