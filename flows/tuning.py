@@ -105,9 +105,10 @@ def run_trials(study: optuna.Study, distributions: dict[str, Any], launch: Calla
                 trial = study.ask(distributions)
                 running[launch(trial)] = trial
                 budget -= 1
-            if stop_requested() is not None:
+            done = wait(list(running), timeout=1.0).done
+            if stop_requested() is not None:  # before reading results: a stopped trial's result is its interruption
                 _stop_trials(running)
-            for future in wait(list(running), timeout=1.0).done:
+            for future in done:
                 _settle(running.pop(future), future, progress)
 
 
