@@ -6,7 +6,8 @@ cached dataset is 4x smaller than float; `model.dpa.to_model_range` turns a batc
 
 `preprocess_dataset` decodes every manifest image once, in parallel, and caches the stacked tensor
 under a key made of the data version, the manifest bytes, the config and a format version: a rerun
-with the same inputs loads one file instead of decoding thousands.
+with the same inputs loads one file instead of decoding thousands. The cache is bounded
+(`DPA_CACHE_MAX_GB`, least recently used entries go first; `data_layer.cache`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from data_layer.cache import SUFFIX, load_entry, save_entry
 from data_layer.images import read_image
 from data_layer.manifest import (
     ABNORMAL,
@@ -125,12 +126,14 @@ def preprocess_dataset(
     cache_dir: str | Path,
     data_version: str,
     max_workers: int | None = None,
+    max_cache_bytes: int | None = None,
 ) -> PreprocessedDataset:
-    """Decode and transform every manifest image once, or load the cached result."""
+    """Decode and transform every manifest image once, or load the cached result. The cache is
+    capped at `max_cache_bytes` (default: $DPA_CACHE_MAX_GB, see `data_layer.cache`)."""
     dataset_dir, cache_dir = Path(dataset_dir), Path(cache_dir)
-    cache_file = cache_dir / f"{cache_key(dataset_dir, cfg, data_version)}.pt"
-    if cache_file.is_file():
-        cached = torch.load(cache_file, weights_only=True)
+    cache_file = cache_dir / f"{cache_key(dataset_dir, cfg, data_version)}{SUFFIX}"
+    cached = load_entry(cache_file)
+    if cached is not None:
         log.info("preprocessing cache hit: %s", cache_file)
         manifest = pd.DataFrame(cached["manifest"])
         return PreprocessedDataset(cached["images"], manifest, from_cache=True)
@@ -141,7 +144,7 @@ def preprocess_dataset(
         arrays = list(pool.map(lambda path: _decode(path, cfg), paths))
     shape = (0, cfg.channels, cfg.size, cfg.size)
     images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape, dtype=torch.uint8)
-    _save_atomically({"images": images, "manifest": manifest.to_dict(orient="list")}, cache_file)
+    save_entry({"images": images, "manifest": manifest.to_dict(orient="list")}, cache_file, max_cache_bytes)
     seconds = time.perf_counter() - started
     log.info("preprocessed %d images in %.1f s -> %s", len(paths), seconds, cache_file)
     return PreprocessedDataset(images, manifest.reset_index(drop=True), from_cache=False)
@@ -175,17 +178,3 @@ def _center_crop(image: Image.Image, crop: int | float) -> Image.Image:
     left = int(round((image.width - side) / 2.0))
     top = int(round((image.height - side) / 2.0))
     return image.crop((left, top, left + side, top + side))
-
-
-def _save_atomically(payload: dict, file: Path) -> None:
-    """Write to a temp file and rename, so a crash never leaves a truncated cache entry."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

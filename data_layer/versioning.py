@@ -12,15 +12,19 @@ validates them and keeps secrets out of command lines. Credentials go to `.dvc/c
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from dvc.config import Config
+from filelock import FileLock, Timeout
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,6 +35,12 @@ DATA_DIR = "data"
 POINTER = "data.dvc"
 BACKUP_DIR = ".data.previous"
 """Where the previous `data/` waits while a commit is in flight (same filesystem: a rename)."""
+LOCK_FILE = ".dpa/locks/data.lock"
+LOCK_TIMEOUT_ENV = "DPA_DATA_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 900.0
+"""Seconds a commit or pull waits for another one on the same project (a big `dvc push` takes minutes)."""
+
+log = logging.getLogger(__name__)
 
 DVC_ENV_DEFAULTS = {
     "DVC_NO_ANALYTICS": "1",
@@ -162,6 +172,11 @@ def commit_dataset(root: str | Path, staged_dir: str | Path) -> str:
     root, staged = Path(root), Path(staged_dir)
     if not (staged / MANIFEST_NAME).is_file():
         raise VersioningError(f"{staged}: no {MANIFEST_NAME}; stage a complete dataset first")
+    with data_lock(root):
+        return _commit(root, staged)
+
+
+def _commit(root: Path, staged: Path) -> str:
     data, backup, pointer = root / DATA_DIR, root / BACKUP_DIR, root / POINTER
     previous_pointer = pointer.read_bytes() if pointer.exists() else None
     shutil.rmtree(backup, ignore_errors=True)
@@ -190,6 +205,11 @@ def resolve_dataset(root: str | Path) -> str:
     Local edits to `data/` that were never committed are overwritten: `data.dvc` is the truth.
     """
     root = Path(root)
+    with data_lock(root):
+        return _resolve(root)
+
+
+def _resolve(root: Path) -> str:
     version = data_version(root)
     if not _in_sync(root):
         try:
@@ -201,6 +221,33 @@ def resolve_dataset(root: str | Path) -> str:
                 f"the dataset with the importer (dpa data import ...).\n{exc}"
             ) from exc
     return version
+
+
+@contextmanager
+def data_lock(root: str | Path) -> Iterator[None]:
+    """Hold the project's data lock: one process at a time changes or pulls `data/` and `data.dvc`,
+    so two imports give two whole versions one after the other, never a mix. Another process
+    waits up to $DPA_DATA_LOCK_TIMEOUT seconds. It is an OS lock: a killed holder releases it."""
+    file = Path(root) / LOCK_FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT))
+    lock = FileLock(file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("another process is committing or pulling data in %s; waiting up to %g s for %s", root, timeout, file)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise VersioningError(
+                f"{root}: another process kept the data lock ({file}) for more than {timeout:g} s while committing "
+                f"or pulling a dataset. Nothing was changed. Wait for it to finish and retry, or set "
+                f"{LOCK_TIMEOUT_ENV} to wait longer."
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _in_sync(root: Path) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +32,27 @@ def parse_overrides(items: list[str] | None) -> dict:
     return overrides
 
 
+@contextmanager
+def exit_code_on_signal() -> Iterator[None]:
+    """A stop on SIGINT/SIGTERM exits 130/143 (128 + the signal), as shells and supervisors expect.
+    Long work inside saves its state first (see tasks.interrupt)."""
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.interrupt import stop_now
+
+    previous = signal.signal(signal.SIGTERM, stop_now)
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("interrupted (SIGINT); rerun the same command to resume", err=True)
+        raise typer.Exit(128 + signal.SIGINT) from None
+    except TerminationSignal as exc:
+        typer.echo(f"stopped by {signal.Signals(exc.signal).name}; rerun the same command to resume", err=True)
+        raise typer.Exit(128 + exc.signal) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _params(preset: str, overrides: list[str] | None, dataset: str | None, model_name: str | None):
     from tasks.config import DataSource, PipelineParams
 
@@ -48,7 +72,8 @@ def train(
     from flows.training import baseline_line, training_pipeline
 
     overrides = [*(overrides or []), *([f"dpa.train.seeds={seeds}"] if seeds else [])]
-    summary = training_pipeline(_params(preset, overrides, dataset, model_name))
+    with exit_code_on_signal():
+        summary = training_pipeline(_params(preset, overrides, dataset, model_name))
     typer.echo(json.dumps(summary, indent=2, default=str))
     typer.echo(baseline_line(summary))
 
@@ -111,7 +136,9 @@ def tune(
         study_name=study, study_storage=study_storage, task_runner=runner, max_workers=workers,
         cluster_address=cluster_address, seed=seed, train_best=train_best,
     )
-    typer.echo(json.dumps(tuning_pipeline(params), indent=2, default=str))
+    with exit_code_on_signal():
+        summary = tuning_pipeline(params)
+    typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command()
@@ -120,13 +147,16 @@ def score(
     input: Annotated[Path, typer.Option("--input", help="folder of images, dataset dir with manifest.csv, or DICOM dir")] = ...,
     out: Annotated[Path, typer.Option(help="output directory for scores.csv and heat maps")] = Path("scores"),
     heatmaps: Annotated[bool, typer.Option(help="write heat-map PNGs")] = True,
+    chunk_size: Annotated[int, typer.Option(min=1, help="images scored (and saved) together")] = 64,
 ) -> None:
-    """Score images with a registered model (by default the champion)."""
+    """Score images with a registered model (by default the champion). Crash-safe: rerun the same
+    command after a crash or a stop to score only what is missing."""
     from tasks.scoring import score_inputs
     from tasks.tracking import configure_tracking
 
     configure_tracking()
-    typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps)}")
+    with exit_code_on_signal():
+        typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size)}")
 
 
 @data_app.command("phantoms")

@@ -43,16 +43,28 @@ class VGGSource:
 
 
 def _imagenet_features() -> nn.Sequential:
+    found = _imagenet_lookup()
+    if isinstance(found, str):
+        raise VGGWeightsUnavailable(found)
+    features = bare_vgg19_features()
+    features.load_state_dict(found)
+    return features
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_lookup() -> dict[str, torch.Tensor] | str:
+    """The ImageNet features' state, or why they are unavailable: looked up once per process, so a
+    search of many trials on an offline machine does not try (and wait for) a download per trial."""
     weights = torchvision.models.VGG19_Weights.IMAGENET1K_V1
     try:
-        return torchvision.models.vgg19(weights=weights).features
+        return torchvision.models.vgg19(weights=weights).features.state_dict()
     except Exception as err:  # urllib/SSL/socket errors differ by platform; all mean "could not fetch".
-        raise VGGWeightsUnavailable(
+        return (
             f"could not load ImageNet VGG19 weights ({type(err).__name__}: {err}). They are downloaded once to "
             f"$TORCH_HOME/hub/checkpoints ({weights.url}). Offline, copy that file there, or set "
             "loss.vgg_weights to a local state_dict path, or to 'random' (deterministic, not the paper's "
             "perceptual space), or 'auto' (ImageNet if available, else random with a warning)."
-        ) from err
+        )
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,13 +8,16 @@ warning, and the summary counts it; the other files are still scored.
 
 scores.csv columns: `path` (relative to the input; the manifest path for a dataset),
 `anomaly_score`, `is_anomaly`, `label` (only for a manifest), `heatmap` (the PNG under
-`heatmaps/`, see `tasks.mlflow_model` for its grey scale) and `error`.
+`heatmaps/`, see `tasks.mlflow_model` for its grey scale), `error`, and the lineage of each row:
+`model_uri` (the pinned version, `models:/<name>/<version>`), `model_version` and `input_digest`
+(sha256 of the file's bytes). One row per input file, in input order.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,7 +31,20 @@ from sklearn.metrics import roc_auc_score
 from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, is_image_file, read_image
 from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path, select
 from tasks.evaluation import binary_labels
+from tasks.interrupt import raise_if_stopping, stop_on_signal
 from tasks.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
+from tasks.score_journal import (
+    INPUT_DIGEST,
+    KEY,
+    MODEL_URI,
+    MODEL_VERSION,
+    ModelRef,
+    ScoreJournal,
+    ScoringStateError,
+    file_digests,
+    output_lock,
+    resolve_model,
+)
 
 SCORES_CSV, HEATMAP_DIR = "scores.csv", "heatmaps"
 ERROR, FILE = "error", "file"
@@ -98,33 +114,100 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
     return frame.reindex(columns=[SCORE, IS_ANOMALY, *([HEATMAP] if heatmaps else []), ERROR])
 
 
-def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True) -> Path:
-    """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`)."""
+def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK) -> Path:
+    """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`).
+
+    Crash-safe and resumable (see `tasks.score_journal`): rows reach the journal chunk by chunk, a
+    rerun skips what is there, and scores.csv is written (atomically) once every file is scored.
+    SIGTERM/SIGINT stop after the current chunk, with everything scored so far kept.
+    """
     inputs = list_inputs(input)
-    scorer = load_dpa_scorer(model_uri)
+    inputs[INPUT_DIGEST] = file_digests(list(inputs[FILE]))
+    model = resolve_model(model_uri)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    frames = []
-    for frame in iter_scores(scorer, list(inputs[FILE]), heatmaps):
-        if heatmaps:
-            frame[HEATMAP] = [_write_heatmap(out_dir, inputs.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
-        frames.append(frame)
-    results = pd.concat([inputs.drop(columns=FILE), pd.concat(frames)], axis=1)
-    columns = [PATH, SCORE, IS_ANOMALY] + [c for c in (LABEL, HEATMAP, ERROR) if c in results.columns]
-    csv = out_dir / SCORES_CSV
-    results[columns].to_csv(csv, index=False)
+    columns = [PATH, SCORE, IS_ANOMALY, *([LABEL] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
+               ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
+    with output_lock(out_dir), stop_on_signal():
+        journal = ScoreJournal(out_dir, columns, model)
+        done = journal.read()
+        _refuse_foreign_scores(out_dir / SCORES_CSV, model)
+        todo = inputs[~_keys(inputs).isin(set(_keys(done)))].reset_index(drop=True)
+        if len(todo) < len(inputs):
+            print(f"resuming {out_dir}: {len(inputs) - len(todo)} of {len(inputs)} files already scored by version {model.version}")
+        fresh = _score_todo(model, todo, out_dir, heatmaps, journal, chunk_size)
+        results = _in_input_order(inputs, pd.concat([done, fresh.astype(str)], ignore_index=True), columns)
+        csv = out_dir / SCORES_CSV
+        _write_atomically(results, csv)
     for path, error in results.loc[results[ERROR] != "", [PATH, ERROR]].itertuples(index=False):
         log.warning("not scored: %s: %s", path, error)
     return csv
 
 
+def _keys(frame: pd.DataFrame) -> pd.Series:
+    return frame[PATH].astype(str) + "\0" + frame[INPUT_DIGEST].astype(str)
+
+
+def _score_todo(
+    model: ModelRef, todo: pd.DataFrame, out_dir: Path, heatmaps: bool, journal: ScoreJournal, chunk_size: int
+) -> pd.DataFrame:
+    """Score the files not yet in the journal, appending each chunk durably before the next;
+    unreadable files (no digest) are not journaled: they are cheap to report again."""
+    if todo.empty:
+        return pd.DataFrame(columns=journal.columns)
+    frames = []
+    for frame in iter_scores(load_dpa_scorer(model.uri), list(todo[FILE]), heatmaps, chunk_size):
+        if heatmaps:
+            frame[HEATMAP] = [_write_heatmap(out_dir, todo.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
+        rows = pd.concat([todo.loc[frame.index].drop(columns=FILE), frame], axis=1)
+        rows[MODEL_URI], rows[MODEL_VERSION] = model.uri, model.version
+        rows[SCORE] = rows[SCORE].map(lambda v: "" if pd.isna(v) else repr(float(v)))
+        rows[IS_ANOMALY] = rows[IS_ANOMALY].map(lambda v: "" if pd.isna(v) else str(bool(v)))
+        journal.append(rows[rows[INPUT_DIGEST] != ""])
+        frames.append(rows)
+        raise_if_stopping()
+    return pd.concat(frames, ignore_index=True)[journal.columns]
+
+
+def _in_input_order(inputs: pd.DataFrame, rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Exactly one row per input file, in the order of `list_inputs` (the latest row of a key wins)."""
+    rows = rows.drop_duplicates(list(KEY), keep="last").set_index(list(KEY))
+    keys = pd.MultiIndex.from_frame(inputs[list(KEY)].astype(str))
+    return rows.reindex(keys).reset_index()[columns]
+
+
+def _refuse_foreign_scores(csv: Path, model: ModelRef) -> None:
+    """A scores.csv of another model version (or of an older scorer that did not record one) is
+    never overwritten by or merged with this run's."""
+    if not csv.is_file():
+        return
+    versions = set(pd.read_csv(csv, dtype=str, keep_default_na=False).get(MODEL_VERSION, pd.Series(["unknown"])))
+    if versions - {model.version}:
+        raise ScoringStateError(
+            f"{csv} holds scores of model version {', '.join(sorted(versions - {model.version}))}, not {model.version} "
+            f"({model.uri}); choose another --out, or delete that folder to score it again."
+        )
+
+
+def _write_atomically(results: pd.DataFrame, csv: Path) -> None:
+    tmp = csv.with_suffix(".csv.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        results.to_csv(handle, index=False, lineterminator="\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, csv)
+
+
 def _write_heatmap(out_dir: Path, path: str, cell: object) -> str:
-    """Write one heat map, mirroring the input's layout; '' for an unscored row (no map)."""
+    """Write one heat map (tmp file + rename), mirroring the input's layout; '' for an unscored row."""
     if not isinstance(cell, str):
         return ""
     rel = Path(HEATMAP_DIR) / f"{path}.heatmap.png"
-    (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / rel).write_bytes(base64.b64decode(cell))
+    target = out_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(base64.b64decode(cell))
+    os.replace(tmp, target)
     return rel.as_posix()
 
 

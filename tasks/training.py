@@ -10,11 +10,18 @@ from prefect.cache_policies import NO_CACHE
 
 from model.config import DPAConfig
 from model.dpa import DPA
-from model.trainer import train_dpa
+from model.trainer import Trainer
+from tasks.interrupt import checkpoint_on_stop, stop_on_signal
 from tasks.tracking import MetricsLogger
 
 
 @task(name="train-dpa", cache_policy=NO_CACHE)
 def train(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path, run_id: str) -> DPA:
-    """No retries here: a crash resumes from the checkpoint when the same run is started again."""
-    return train_dpa(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
+    """No retries here: a crash resumes from the checkpoint when the same run is started again.
+
+    SIGTERM/SIGINT stop training after the current step with a checkpoint written, so the rerun resumes there.
+    """
+    with stop_on_signal():
+        trainer = Trainer(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
+        trainer.callbacks.append(checkpoint_on_stop(trainer))
+        return trainer.fit()

@@ -28,6 +28,7 @@ from model.config import DPAConfig
 from model.dpa import DPA
 from model.scoring import score_images
 from model.trainer import Trainer
+from tasks.interrupt import checkpoint_on_stop
 from tasks.tracking import configure_tracking
 from tasks.tuning.data import CVPlan, SearchData
 from tasks.tuning.space import EarlyStopping
@@ -78,6 +79,7 @@ def train_fold(
     """Train on one fold's normals; validate only in the last stage (as the paper does) and stop early."""
     with _BUILD_LOCK:
         trainer = Trainer(cfg, train, progress=False)
+    trainer.callbacks.append(checkpoint_on_stop(trainer))  # no checkpoint dir: a stop request just stops it
     last_start = trainer.total_iterations - trainer.stages[-1].iters
     trainer.fit(until=last_start)
     best, best_at, stale, curve = -math.inf, 0, 0, []

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from data_layer.versioning import (
     VersioningError,
     commit_dataset,
     configure_remote,
+    data_lock,
     data_version,
     init_repo,
     resolve_dataset,
@@ -201,3 +204,50 @@ def test_same_phantom_seed_gives_the_same_data_version(tmp_path: Path) -> None:
     init_repo(other, RemoteSettings(path=tmp_path / "remote-c"))
     different = commit_dataset(other, generate_phantoms(tmp_path / "staged-c", spec.model_copy(update={"seed": 8})))
     assert versions[0] == versions[1] != different
+
+
+COMMIT_SCRIPT = "import sys; from data_layer.versioning import commit_dataset; print(commit_dataset(sys.argv[1], sys.argv[2]))"
+
+
+def start_commit(root: Path, staged: Path, **env: str) -> subprocess.Popen:
+    """`commit_dataset` in its own process, as a second `dpa data import --activate` runs it."""
+    repo_root = Path(__file__).resolve().parents[2]
+    return subprocess.Popen([sys.executable, "-c", COMMIT_SCRIPT, str(root), str(staged)],
+                            env={**os.environ, "PYTHONPATH": str(repo_root), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_commits_give_two_whole_versions_one_after_the_other(repo: Path, tmp_path: Path) -> None:
+    staged = {seed: stage(tmp_path / f"staged{seed}", seed) for seed in (1, 2)}
+    contents = {seed: snapshot(path) for seed, path in staged.items()}
+    processes = {seed: start_commit(repo, path) for seed, path in staged.items()}
+    versions = {}
+    for seed, process in processes.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+        versions[seed] = out.strip().splitlines()[-1]
+    assert versions[1] != versions[2]
+    active = data_version(repo)
+    winner = next(seed for seed, version in versions.items() if version == active)
+    assert snapshot(repo / "data") == contents[winner]  # data/ is all of one import, none of the other
+    assert resolve_dataset(repo) == active  # data/ matches data.dvc (dvc status is clean)
+    pushed = {p.parent.name + p.name.removesuffix(".dir") for p in (tmp_path / "remote").rglob("*.dir")}
+    assert set(versions.values()) <= pushed  # both versions are whole in the remote
+    assert not (repo / ".data.previous").exists()
+
+
+def test_a_commit_waits_for_the_data_lock_and_gives_up_with_a_clear_message(repo: Path, tmp_path: Path) -> None:
+    commit_dataset(repo, stage(tmp_path / "first", 1))
+    before = (repo / "data.dvc").read_bytes(), snapshot(repo / "data")
+    with data_lock(repo):
+        process = start_commit(repo, stage(tmp_path / "second", 2), DPA_DATA_LOCK_TIMEOUT="2")
+        _, err = process.communicate(timeout=120)
+        assert process.returncode != 0
+        assert "kept the data lock" in err and "Nothing was changed" in err and "DPA_DATA_LOCK_TIMEOUT" in err
+        assert ((repo / "data.dvc").read_bytes(), snapshot(repo / "data")) == before
+        waiting = start_commit(repo, tmp_path / "second", DPA_DATA_LOCK_TIMEOUT="120")
+        time.sleep(3)
+        assert waiting.poll() is None and (repo / "data.dvc").read_bytes() == before[0]  # it waits
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == data_version(repo) != yaml.safe_load(before[0])["outs"][0]["md5"].removesuffix(".dir")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from model import perceptual
 from model.dpa import DPA
 from model.perceptual import (
     RelativePerceptualLoss,
@@ -102,6 +103,29 @@ def test_auto_falls_back_loudly_and_records_it(monkeypatch, tmp_path) -> None:
         source = load_vgg_features("auto")
     assert any("FALLING BACK TO RANDOM VGG19" in str(w.message) for w in caught)
     assert source.description.startswith("random:seed=0 (auto fallback")
+
+
+def test_imagenet_weights_are_looked_up_once_per_process(monkeypatch, tmp_path) -> None:
+    """A search builds a DPA per trial and fold: offline, each build must not retry the download."""
+    calls = []
+
+    def offline_counted(*args, **kwargs):
+        calls.append(args)
+        _offline()
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline_counted)  # where torchvision calls it
+    perceptual._imagenet_lookup.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sources = [load_vgg_features("auto") for _ in range(3)]
+        with pytest.raises(VGGWeightsUnavailable, match="could not load ImageNet VGG19 weights"):
+            load_vgg_features("imagenet")
+    finally:
+        perceptual._imagenet_lookup.cache_clear()
+    assert len(calls) == 1
+    assert all(s.description.startswith("random:seed=0 (auto fallback") for s in sources)
 
 
 def test_local_state_dict_file(tmp_path) -> None:

@@ -3,6 +3,7 @@ re-scorer used by promotion, and one run of the Prefect flow with its summary ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +24,12 @@ from tests.pipeline.conftest import ImageSet, RegisteredDPA
 def test_dataset_scores_labels_and_heatmaps(champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path) -> None:
     csv = score_inputs(champion.champion_uri, str(image_set.root), str(tmp_path / "out"))
     scores = pd.read_csv(csv, keep_default_na=False)
-    assert list(scores.columns) == ["path", "anomaly_score", "is_anomaly", "label", "heatmap", "error"]
+    assert list(scores.columns) == [
+        "path", "anomaly_score", "is_anomaly", "label", "heatmap", "error", "model_uri", "model_version", "input_digest"
+    ]
+    assert set(scores["model_uri"]) == {f"models:/{champion.name}/{champion.version}"}
+    assert set(scores["model_version"].astype(str)) == {champion.version}
+    assert scores["input_digest"].tolist() == [hashlib.sha256(f.read_bytes()).hexdigest() for f in image_set.files]
     assert scores["path"].tolist() == [f.relative_to(image_set.root).as_posix() for f in image_set.files]
     np.testing.assert_allclose(scores["anomaly_score"], image_set.expected_scores(champion.dpa), rtol=1e-5)
     assert scores["label"].tolist() == image_set.labels and (scores["error"] == "").all()
