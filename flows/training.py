@@ -22,11 +22,11 @@ from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_con
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
 from tasks.evaluation import evaluate
 from tasks.preprocessing import PreprocessedDataset, preprocess
-from tasks.registry import promote_model, register_model
-from tasks.scoring import auroc_rescorer
+from tasks.registry import GateRule, promote_model, register_model
 from tasks.tracking import configure_tracking, ensure_experiment, git_commit, log_config_params, tracking_ui_url
 from tasks.training import train
 from tasks.validation import validate
+from tasks.version_scores import ScoredSet, scorer_on_test_split
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         evaluation = evaluate(dpa, data, cfg, dataset.version, run_id)
         version = register_model(dpa, evaluation, cfg, run_id)
         decision = promote_model(
-            cfg.registry.model_name, version, evaluation.metrics.auroc, dataset.version,
-            cfg.registry.promotion_margin, cfg.registry.auroc_floor, auroc_rescorer(dataset.path),
+            cfg.registry.model_name, version, ScoredSet.of(evaluation), dataset.version,
+            GateRule.of(cfg.registry), scorer_on_test_split(dataset.path),
         )
     shutil.rmtree(checkpoints, ignore_errors=True)  # registered: nothing left to resume
     summary = TrainingSummary(

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from data_layer.manifest import ABNORMAL, ANOMALY_TYPE, LABELS
+from data_layer.manifest import ABNORMAL, ANOMALY_TYPE, LABELS, PATH
 from data_layer.preprocessing import PreprocessedDataset
 from model.dpa import DPA, center_crop
 from model.scoring import anomaly_maps, score_images
@@ -284,6 +284,12 @@ class ModelEvaluation(BaseModel):
     threshold: float
     threshold_rule: str
     val_auroc: float | None = None
+    test_paths: list[str] = []
+    test_labels: list[int] = []
+    test_scores: list[float] = []
+    """Per-image test scores (manifest paths, 1 = abnormal): the paired promotion gate compares them."""
+    normal_scores: list[float] = []
+    """The scores the threshold was set on: the version's reference distribution (drift, specificity)."""
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -305,6 +311,8 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         threshold=operating_threshold(normal_scores, quantile),
         threshold_rule=threshold_rule(quantile, source),
         val_auroc=float(roc_auc_score(val_labels, val_scores)) if 0 < val_labels.sum() < len(val_labels) else None,
+        test_paths=test.manifest[PATH].astype(str).tolist(), test_labels=test_labels.astype(int).tolist(),
+        test_scores=test_scores.astype(float).tolist(), normal_scores=normal_scores.astype(float).tolist(),
     )
     _log_metrics(result, run_id)
     card = model_card(
