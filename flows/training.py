@@ -21,6 +21,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_config
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
 from tasks.evaluation import evaluate
+from tasks.lineage import log_dataset_input
 from tasks.preprocessing import PreprocessedDataset, preprocess
 from tasks.registry import GateRule, promote_model, register_model
 from tasks.tracking import configure_tracking, ensure_experiment, git_commit, log_config_params, tracking_ui_url
@@ -70,6 +71,7 @@ def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.A
     log_config_params(resolved)
     mlflow.set_tags({"data_version": dataset.version, "git_commit": git_commit(), "preset": cfg.preset})
     mlflow.log_dict(resolved, "config/resolved_config.json")
+    log_dataset_input(dataset.path, dataset.version, project_dir())
     mlflow.log_artifacts(str(report_dir), "validation")
     return run
 
