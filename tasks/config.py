@@ -39,7 +39,9 @@ class RegistryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = Field("dpa-phantoms", description="registered model name (one per task)")
-    promotion_margin: float = Field(0.0, description="a challenger must beat the champion's test AUROC by more than this")
+    promotion_margin: float = Field(
+        0.0, description="superiority gate: the AUROC difference must be significantly above this (H0: difference ≤ margin)"
+    )
     auroc_floor: float = Field(0.6, description="never promote a model whose test AUROC is below this")
     gate: Literal["superiority", "non_inferiority"] = Field(
         "superiority",
