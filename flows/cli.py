@@ -159,6 +159,19 @@ def score(
         typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size)}")
 
 
+@app.command()
+def lineage(
+    target: Annotated[str, typer.Argument(help="models:/name@alias, models:/name/version, a run id, or a scores.csv")],
+) -> None:
+    """Print the chain scores → model version → run → git commit → data version → manifest counts → source."""
+    from tasks.lineage import lineage as chain
+    from tasks.tracking import configure_tracking
+
+    configure_tracking()
+    for line in chain(target):
+        typer.echo(line)
+
+
 @data_app.command("phantoms")
 def data_phantoms(
     out: Annotated[Path, typer.Option(help="output dataset directory")],

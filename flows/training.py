@@ -23,13 +23,14 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_config
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
 from tasks.evaluation import ModelEvaluation, baseline_metrics, evaluate
+from tasks.lineage import log_dataset_input
 from tasks.preprocessing import PreprocessedDataset, preprocess
-from tasks.registry import promote_model, register_model
+from tasks.registry import GateRule, promote_model, register_model
 from tasks.seeds import SeedCandidate, final_train_loss, seed_config, seed_list, seed_spread, select_seed
-from tasks.scoring import auroc_rescorer
 from tasks.tracking import configure_tracking, ensure_experiment, git_commit, log_config_params, tracking_ui_url
 from tasks.training import train
 from tasks.validation import validate
+from tasks.version_scores import ScoredSet, scorer_on_test_split
 
 if TYPE_CHECKING:
     from model.dpa import DPA
@@ -79,6 +80,7 @@ def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.A
     log_config_params(resolved)
     mlflow.set_tags({"data_version": dataset.version, "git_commit": git_commit(), "preset": cfg.preset})
     mlflow.log_dict(resolved, "config/resolved_config.json")
+    log_dataset_input(dataset.path, dataset.version, project_dir())
     mlflow.log_artifacts(str(report_dir), "validation")
     return run
 
@@ -193,8 +195,8 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         mlflow.set_tags({"vgg_weights": dpa.vgg_source, "feature_stats": dpa.feature_stats, "device": str(next(dpa.parameters()).device)})
         version = register_model(dpa, evaluation, cfg, trained.run_id)
         decision = promote_model(
-            cfg.registry.model_name, version, evaluation.metrics.auroc, dataset.version,
-            cfg.registry.promotion_margin, cfg.registry.auroc_floor, auroc_rescorer(dataset.path),
+            cfg.registry.model_name, version, ScoredSet.of(evaluation), dataset.version,
+            GateRule.of(cfg.registry), scorer_on_test_split(dataset.path),
         )
     for checkpoints in trained.checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)  # registered: nothing left to resume

@@ -39,8 +39,17 @@ class RegistryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = Field("dpa-phantoms", description="registered model name (one per task)")
-    promotion_margin: float = Field(0.0, description="a challenger must beat the champion's test AUROC by more than this")
+    promotion_margin: float = Field(
+        0.0, description="superiority gate: the AUROC difference must be significantly above this (H0: difference ≤ margin)"
+    )
     auroc_floor: float = Field(0.6, description="never promote a model whose test AUROC is below this")
+    gate: Literal["superiority", "non_inferiority"] = Field(
+        "superiority",
+        description="superiority: promote when the challenger's AUROC is significantly above the champion's "
+        "(by more than promotion_margin); non_inferiority: when it is significantly above champion − non_inferiority_margin",
+    )
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="one-sided significance level of the paired DeLong test")
+    non_inferiority_margin: float = Field(0.02, ge=0, description="AUROC loss tolerated by the non_inferiority gate")
     threshold_quantile: float = Field(
         0.95, description="operating threshold = this quantile of the scores of normal validation images"
     )

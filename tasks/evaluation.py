@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from data_layer.manifest import ABNORMAL, ANOMALY_TYPE, LABELS
+from data_layer.manifest import ABNORMAL, ANOMALY_TYPE, LABELS, PATH
 from data_layer.preprocessing import PreprocessedDataset
 from model.baselines import DESCRIPTIONS, fit_baselines
 from model.dpa import DPA, center_crop
@@ -339,6 +339,13 @@ class ModelEvaluation(BaseModel):
     val_auroc: float | None = None
     baselines: dict[str, Evaluation] = {}
 
+    test_paths: list[str] = []
+    test_labels: list[int] = []
+    test_scores: list[float] = []
+    """Per-image test scores (manifest paths, 1 = abnormal): the paired promotion gate compares them."""
+    normal_scores: list[float] = []
+    """The scores the threshold was set on: the version's reference distribution (drift, specificity)."""
+
     @property
     def baseline_warning(self) -> str | None:
         return baseline_warning(self.metrics.auroc, self.baselines)
@@ -364,6 +371,8 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         threshold_rule=threshold_rule(quantile, source),
         val_auroc=float(roc_auc_score(val_labels, val_scores)) if 0 < val_labels.sum() < len(val_labels) else None,
         baselines=baseline_evaluations(data, dpa.max_res, seed=cfg.dpa.train.seed),
+        test_paths=test.manifest[PATH].astype(str).tolist(), test_labels=test_labels.astype(int).tolist(),
+        test_scores=test_scores.astype(float).tolist(), normal_scores=normal_scores.astype(float).tolist(),
     )
     if result.baseline_warning:
         log.warning(result.baseline_warning)

@@ -1,9 +1,11 @@
-"""Promotion through registry aliases: every new version is `challenger`; the gate decides `champion`.
+"""Promotion through registry aliases: every new version is `challenger`; a paired gate decides `champion`.
 
-A challenger becomes champion only when its test AUROC is at least `auroc_floor` and beats the
-champion's by more than `promotion_margin` *on the same data version*. When the champion was
-evaluated on another data version, its recorded AUROC is not comparable, so the champion is
-re-scored on the challenger's test set (`rescore`) and that figure is compared instead.
+A challenger becomes champion only when its test AUROC is at least `auroc_floor` and a one-sided
+DeLong test on the *same test images* says it is better than the champion's (`superiority`: the
+difference exceeds `promotion_margin`) or not worse by more than a margin (`non_inferiority`), at
+level `alpha`. Both versions' per-image test scores are stored in their runs keyed by data version
+(`tasks.version_scores`); a champion without scores on this data version is re-scored once
+(`score_champion`) and its scores kept for the next challenger.
 
 Order of writes: the challenger's tags (its evaluation, then the decision), and the `champion` alias
 last, so a failure anywhere leaves the previous champion in place. Two runs finishing together are
@@ -32,14 +34,18 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sklearn.metrics import roc_auc_score
 
 from model.dpa import DPA
 from tasks.evaluation import ModelEvaluation
 from tasks.mlflow_model import CHAMPION, log_dpa_model
+from tasks.paired_auc import PairedAUROC, paired_delong
+from tasks.reference_scores import ReferenceScores, log_reference
+from tasks.version_scores import ScoredSet, aligned, load_scores, log_scores
 
 if TYPE_CHECKING:  # tasks.config imports the GX gate: seconds, only needed by type checkers here
-    from tasks.config import RunConfig
+    from tasks.config import RegistryConfig, RunConfig
 
 CHALLENGER = "challenger"
 TAG_AUROC, TAG_DATA_VERSION = "test_auroc", "data_version"
@@ -53,8 +59,32 @@ PROMOTION_WAIT_S = 3600
 Outcome = Literal["promoted", "kept champion", "rejected: below floor"]
 
 
+class GateRule(BaseModel):
+    """What a challenger must show: the floor, then a one-sided paired DeLong test at `alpha`."""
+
+    gate: Literal["superiority", "non_inferiority"] = "superiority"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    promotion_margin: float = 0.0
+    non_inferiority_margin: float = Field(0.02, ge=0)
+    auroc_floor: float = 0.6
+
+    @classmethod
+    def of(cls, registry: RegistryConfig) -> GateRule:
+        return cls.model_validate(registry.model_dump(include=set(cls.model_fields)))
+
+    @property
+    def null_difference(self) -> float:
+        """H0 of the test: AUROC(challenger) − AUROC(champion) ≤ this."""
+        return self.promotion_margin if self.gate == "superiority" else -self.non_inferiority_margin
+
+    @property
+    def summary(self) -> str:
+        return (f"{self.gate}: promote if AUROC difference > {self.null_difference:g} at one-sided DeLong "
+                f"p < {self.alpha:g}; floor {self.auroc_floor:g}")
+
+
 class ChampionFigure(BaseModel):
-    """The champion's AUROC as compared: recorded on the same data, or re-scored on this test set."""
+    """The champion's AUROC as compared: on this data version's test images, stored or re-scored."""
 
     version: str
     auroc: float
@@ -63,7 +93,7 @@ class ChampionFigure(BaseModel):
 
 
 class PromotionDecision(BaseModel):
-    """The gate's verdict with both figures, as written to the challenger's tags."""
+    """The gate's verdict with both figures and the paired test, as written to the challenger's tags."""
 
     model_name: str
     version: str
@@ -71,8 +101,8 @@ class PromotionDecision(BaseModel):
     challenger_auroc: float
     data_version: str
     champion: ChampionFigure | None
-    promotion_margin: float
-    auroc_floor: float
+    comparison: PairedAUROC | None
+    rule: GateRule
 
     @property
     def promoted(self) -> bool:
@@ -81,8 +111,7 @@ class PromotionDecision(BaseModel):
     @property
     def summary(self) -> str:
         challenger = f"{self.model_name} v{self.version} (test AUROC {self.challenger_auroc:.4f}, data {self.data_version})"
-        rule = f"margin {self.promotion_margin:g}, floor {self.auroc_floor:g}"
-        return f"{self.outcome}: {challenger} vs {self._against()}; {rule}"
+        return f"{self.outcome}: {challenger} vs {self._against()}{self._paired()}; rule {self.rule.summary}"
 
     def _against(self) -> str:
         champion = self.champion
@@ -94,27 +123,55 @@ class PromotionDecision(BaseModel):
             how = f"on data {champion.data_version}"
         return f"champion v{champion.version} AUROC {champion.auroc:.4f} ({how})"
 
+    def _paired(self) -> str:
+        c = self.comparison
+        if c is None:
+            return ""
+        return (f"; difference {c.difference:+.4f} ({c.confidence:.0%} CI {c.ci_low:+.4f} to {c.ci_high:+.4f}), "
+                f"DeLong z {c.z:.2f}, one-sided p {c.p_value:.4g}")
+
     def tags(self) -> dict[str, str]:
-        champion = self.champion
+        champion, c = self.champion, self.comparison
         return {
             f"{DECISION_PREFIX}decision": self.outcome,
             f"{DECISION_PREFIX}summary": self.summary,
+            f"{DECISION_PREFIX}rule": self.rule.summary,
+            f"{DECISION_PREFIX}gate": self.rule.gate,
+            f"{DECISION_PREFIX}alpha": f"{self.rule.alpha:g}",
             f"{DECISION_PREFIX}challenger_auroc": f"{self.challenger_auroc:.6f}",
             f"{DECISION_PREFIX}challenger_data_version": self.data_version,
             f"{DECISION_PREFIX}champion_version": champion.version if champion else "",
             f"{DECISION_PREFIX}champion_auroc": f"{champion.auroc:.6f}" if champion else "",
             f"{DECISION_PREFIX}champion_data_version": champion.data_version if champion else "",
             f"{DECISION_PREFIX}champion_rescored": str(bool(champion and champion.rescored)).lower(),
+            f"{DECISION_PREFIX}auroc_difference": f"{c.difference:.6f}" if c else "",
+            f"{DECISION_PREFIX}difference_ci": f"[{c.ci_low:.6f}, {c.ci_high:.6f}] ({c.confidence:.0%})" if c else "",
+            f"{DECISION_PREFIX}p_value": f"{c.p_value:.6g}" if c else "",
+            f"{DECISION_PREFIX}delong_z": f"{c.z:.6g}" if c else "",
         }
 
+    def markdown(self) -> str:
+        """The Prefect artifact: the verdict, then both figures and the test as a table."""
+        c, champion = self.comparison, self.champion
+        rows = [("outcome", self.outcome), ("rule", self.rule.summary),
+                ("challenger", f"v{self.version}: AUROC {self.challenger_auroc:.4f} on data {self.data_version}")]
+        if champion is not None:
+            rows.append(("champion", f"v{champion.version}: AUROC {champion.auroc:.4f}"
+                                     f"{' (re-scored on this test set)' if champion.rescored else ''}"))
+        if c is not None:
+            rows += [("AUROC difference", f"{c.difference:+.4f}"),
+                     (f"{c.confidence:.0%} CI", f"{c.ci_low:+.4f} to {c.ci_high:+.4f}"),
+                     ("H0", f"difference ≤ {c.null_difference:g}"), ("DeLong z", f"{c.z:.3f}"),
+                     ("one-sided p", f"{c.p_value:.4g}"), ("test images", f"{c.n_normal} normal, {c.n_abnormal} abnormal")]
+        table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+        return f"## Promotion decision\n\n{self.summary}\n\n| | |\n|---|---|\n{table}\n"
 
-def decide(
-    challenger_auroc: float, champion_auroc: float | None, promotion_margin: float, auroc_floor: float
-) -> Outcome:
-    """The gate itself: floor first, then strictly more than the margin over the champion."""
-    if challenger_auroc < auroc_floor:
+
+def decide(challenger_auroc: float, comparison: PairedAUROC | None, rule: GateRule) -> Outcome:
+    """The gate itself: the floor first, then the paired test (a first version needs only the floor)."""
+    if challenger_auroc < rule.auroc_floor:
         return "rejected: below floor"
-    if champion_auroc is None or challenger_auroc > champion_auroc + promotion_margin:
+    if comparison is None or comparison.p_value < rule.alpha:
         return "promoted"
     return "kept champion"
 
@@ -122,32 +179,39 @@ def decide(
 def promote_version(
     model_name: str,
     version: str | int,
-    test_auroc: float,
+    test_scores: ScoredSet,
     data_version: str,
     *,
-    promotion_margin: float,
-    auroc_floor: float,
-    rescore: Callable[[str], float],
+    rule: GateRule,
+    score_champion: Callable[[str], ScoredSet],
     client: MlflowClient | None = None,
 ) -> PromotionDecision:
     """Make `version` the challenger and move `champion` to it if it passes the gate.
 
-    `rescore(model_uri)` returns the test AUROC of another version on *this* run's test set; it is
-    called only when the champion was evaluated on a different data version.
+    `test_scores` are the challenger's per-image scores on this data version's test split (stored in
+    its run); `score_champion(model_uri)` scores another version on the same split, called only when
+    that version has no stored scores for this data version.
     """
-    if not math.isfinite(test_auroc):
-        raise ValueError(f"{model_name} v{version}: test AUROC is {test_auroc}; refusing to register a decision on it")
     client, version = client or MlflowClient(), str(version)
+    labels, scores = test_scores.labels, test_scores.scores
+    if not all(map(math.isfinite, scores)) or not 0 < sum(labels) < len(labels):
+        raise ValueError(
+            f"{model_name} v{version}: the test scores are not finite or cover one class only; "
+            "refusing to register a decision on them"
+        )
+    test_auroc = float(roc_auc_score(labels, scores))
+    run_id = client.get_model_version(model_name, version).run_id
+    if run_id:
+        log_scores(client, run_id, data_version, test_scores)
     client.set_model_version_tag(model_name, version, TAG_AUROC, f"{test_auroc:.6f}")
     client.set_model_version_tag(model_name, version, TAG_DATA_VERSION, data_version)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     champion = _champion(client, model_name)
     for _ in range(MAX_DECISIONS):
-        figure = _figure(champion, data_version, rescore) if champion else None
-        outcome = decide(test_auroc, figure.auroc if figure else None, promotion_margin, auroc_floor)
+        figure, comparison = _compare(client, champion, test_scores, data_version, rule, score_champion) if champion else (None, None)
         decision = PromotionDecision(
-            model_name=model_name, version=version, outcome=outcome, challenger_auroc=test_auroc,
-            data_version=data_version, champion=figure, promotion_margin=promotion_margin, auroc_floor=auroc_floor,
+            model_name=model_name, version=version, outcome=decide(test_auroc, comparison, rule),
+            challenger_auroc=test_auroc, data_version=data_version, champion=figure, comparison=comparison, rule=rule,
         )
         for key, value in decision.tags().items():
             client.set_model_version_tag(model_name, version, key, value)
@@ -174,16 +238,25 @@ def _version_of(model_version: ModelVersion | None) -> str | None:
     return str(model_version.version) if model_version else None
 
 
-def _figure(champion: ModelVersion, data_version: str, rescore: Callable[[str], float]) -> ChampionFigure:
-    """The champion's recorded AUROC if it was tested on this data version, else a fresh re-score."""
-    recorded_on = champion.tags.get(TAG_DATA_VERSION, "")
-    if recorded_on == data_version and TAG_AUROC in champion.tags:
-        auroc, rescored = float(champion.tags[TAG_AUROC]), False
-    else:
-        auroc, rescored = float(rescore(f"models:/{champion.name}/{champion.version}")), True
-    return ChampionFigure(
-        version=str(champion.version), auroc=auroc, data_version=recorded_on or "unknown", rescored=rescored
+def _compare(
+    client: MlflowClient, champion: ModelVersion, challenger: ScoredSet, data_version: str, rule: GateRule,
+    score_champion: Callable[[str], ScoredSet],
+) -> tuple[ChampionFigure, PairedAUROC]:
+    """The paired test on this data version's test images: the champion's stored scores, else a re-score
+    (kept in the champion's run, so the next challenger on this data needs none)."""
+    theirs = load_scores(client, champion.run_id, data_version)
+    rescored = theirs is None
+    if theirs is None:
+        theirs = score_champion(f"models:/{champion.name}/{champion.version}")
+        if champion.run_id:
+            log_scores(client, champion.run_id, data_version, theirs)
+    labels, ours, theirs_aligned = aligned(challenger, theirs)
+    comparison = paired_delong(labels, ours, theirs_aligned, rule.null_difference, rule.alpha)
+    figure = ChampionFigure(
+        version=str(champion.version), auroc=comparison.champion_auroc,
+        data_version=champion.tags.get(TAG_DATA_VERSION) or "unknown", rescored=rescored,
     )
+    return figure, comparison
 
 
 def promotion_limit_name(model_name: str) -> str:
@@ -221,11 +294,18 @@ def _in_run(run_id: str) -> Iterator[None]:
 
 @task(name="register-model", cache_policy=NO_CACHE)
 def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id: str) -> str:
-    """Log the pyfunc model into the run and register it; returns the new version number."""
+    """Log the pyfunc model and its reference normal scores into the run and register it; returns the
+    new version number."""
     with _in_run(run_id):
         info = log_dpa_model(
             dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule
         )
+    if evaluation.normal_scores:
+        reference = ReferenceScores(
+            source=evaluation.threshold_rule, threshold_quantile=cfg.registry.threshold_quantile,
+            threshold=evaluation.threshold, scores=evaluation.normal_scores,
+        )
+        log_reference(MlflowClient(), run_id, reference)
     return str(info.registered_model_version)
 
 
@@ -233,23 +313,21 @@ def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id
 def promote_model(
     model_name: str,
     version: str,
-    test_auroc: float,
+    test_scores: ScoredSet,
     data_version: str,
-    promotion_margin: float,
-    auroc_floor: float,
-    rescore: Callable[[str], float],
+    rule: GateRule,
+    score_champion: Callable[[str], ScoredSet],
 ) -> PromotionDecision:
     """`promote_version` under a one-slot global concurrency limit per model: runs that finish
     together (other processes, other machines) take turns at the champion alias."""
     limit = ensure_promotion_limit(model_name)
     with concurrency(limit, occupy=1, strict=True, timeout_seconds=PROMOTION_WAIT_S):
         decision = promote_version(
-            model_name, version, test_auroc, data_version,
-            promotion_margin=promotion_margin, auroc_floor=auroc_floor, rescore=rescore,
+            model_name, version, test_scores, data_version, rule=rule, score_champion=score_champion,
         )
     get_run_logger().info(decision.summary)
     create_markdown_artifact(
-        f"## Promotion decision\n\n{decision.summary}",
+        decision.markdown(),
         key=f"promotion-{re.sub(r'[^a-z0-9-]', '-', model_name.lower())}",  # artifact keys: [a-z0-9-]
         description=f"{model_name} v{version}",
     )

@@ -1,5 +1,6 @@
-"""The promotion gate against a real MLflow registry (SQLite): aliases, tags, the re-score path,
-compare-and-set, failure safety, and two concurrent promotions under the Prefect limit."""
+"""The promotion gate against a real MLflow registry (SQLite): the paired DeLong gate on synthetic
+scores, aliases, tags, the stored per-version scores and the one-time re-score, compare-and-set,
+failure safety, and two concurrent promotions under the Prefect limit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
@@ -20,6 +22,7 @@ from tasks.evaluation import ModelEvaluation, evaluate_scores
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
+    GateRule,
     PromotionDecision,
     ensure_promotion_limit,
     promote_model,
@@ -27,12 +30,13 @@ from tasks.registry import (
     promotion_limit_name,
     register_model,
 )
-from tasks.scoring import auroc_rescorer
+from tasks.reference_scores import load_reference
+from tasks.version_scores import ScoredSet, load_scores, log_scores, scorer_on_test_split
 from tests.pipeline.conftest import ImageSet, register, run_config
 
 
-def never_rescore(model_uri: str) -> float:
-    raise AssertionError(f"re-scored {model_uri}, but the champion was evaluated on the same data")
+def never_rescore(model_uri: str) -> ScoredSet:
+    raise AssertionError(f"re-scored {model_uri}, but the champion has scores on this data version")
 
 
 @pytest.fixture
@@ -41,16 +45,35 @@ def name(mlflow_store: str) -> str:
 
 
 def new_version(name: str, tmp_path: Path) -> str:
-    """A registry entry without a real model: enough for gates that never load it."""
+    """A registry entry backed by a run but without a real model: enough for gates that never load it."""
     client = MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
-    return str(client.create_model_version(name, source=tmp_path.as_uri()).version)
+    with mlflow.start_run() as run:
+        pass
+    return str(client.create_model_version(name, source=tmp_path.as_uri(), run_id=run.info.run_id).version)
 
 
-def run_gate(name: str, version: str, auroc: float, data: str = "d1", margin: float = 0.0, floor: float = 0.6,
-             rescore: Callable[[str], float] = never_rescore) -> PromotionDecision:
-    return promote_version(name, version, auroc, data, promotion_margin=margin, auroc_floor=floor, rescore=rescore)
+N = 150
+LABELS = np.repeat([0, 1], N)
+_rng = np.random.default_rng(7)
+SHARED = _rng.normal(size=2 * N) + 0.9 * LABELS  # what both models see in each image
+NOISE = _rng.normal(0, 0.5, size=(8, 2 * N))
+
+
+def scored(signal: float = 0.0, noise: int = 0) -> ScoredSet:
+    """Synthetic test scores of one model: the shared part, its own noise, `signal` more separation."""
+    return ScoredSet(paths=[f"img{i}.png" for i in range(2 * N)], labels=LABELS.tolist(),
+                     scores=(SHARED + NOISE[noise] + signal * LABELS).tolist())
+
+
+def auroc(scores: ScoredSet) -> float:
+    return float(roc_auc_score(scores.labels, scores.scores))
+
+
+def run_gate(name: str, version: str, scores: ScoredSet, data: str = "d1", floor: float = 0.6,
+             rescore: Callable[[str], ScoredSet] = never_rescore, **rule: object) -> PromotionDecision:
+    return promote_version(name, version, scores, data, rule=GateRule(auroc_floor=floor, **rule), score_champion=rescore)
 
 
 def alias(name: str, which: str) -> str | None:
@@ -64,78 +87,126 @@ def tags(name: str, version: str) -> dict[str, str]:
 
 def test_first_version_is_promoted_if_above_floor(name: str, tmp_path: Path) -> None:
     v1 = new_version(name, tmp_path)
-    decision = run_gate(name, v1, 0.7)
-    assert decision.outcome == "promoted" and decision.champion is None
+    decision = run_gate(name, v1, scored())
+    assert decision.outcome == "promoted" and decision.champion is None and decision.comparison is None
     assert alias(name, CHAMPION) == alias(name, CHALLENGER) == v1
     assert tags(name, v1)["promotion.decision"] == "promoted"
-    assert tags(name, v1)["test_auroc"] == "0.700000" and tags(name, v1)["data_version"] == "d1"
+    assert tags(name, v1)["test_auroc"] == f"{auroc(scored()):.6f}" and tags(name, v1)["data_version"] == "d1"
     assert "no previous champion" in decision.summary
+    run_id = MlflowClient().get_model_version(name, v1).run_id
+    assert load_scores(MlflowClient(), run_id, "d1") == scored()  # kept for the next challenger
 
 
 def test_below_floor_is_rejected_even_without_champion(name: str, tmp_path: Path) -> None:
     v1 = new_version(name, tmp_path)
-    assert run_gate(name, v1, 0.55).outcome == "rejected: below floor"
+    assert run_gate(name, v1, scored(), floor=0.99).outcome == "rejected: below floor"
     assert alias(name, CHAMPION) is None and alias(name, CHALLENGER) == v1
 
 
 @pytest.mark.parametrize(
-    ("challenger", "margin", "outcome"),
-    [(0.85, 0.0, "promoted"), (0.75, 0.0, "kept champion"), (0.80, 0.0, "kept champion"),
-     (0.81, 0.02, "kept champion"), (0.83, 0.02, "promoted"), (0.59, 0.0, "rejected: below floor")],
+    ("challenger", "rule", "outcome", "significant"),
+    [
+        (scored(0.6, noise=1), {}, "promoted", True),  # clearly better
+        (scored(0.05, noise=1), {}, "kept champion", False),  # better, within noise
+        (scored(-0.4, noise=1), {}, "kept champion", False),  # worse
+        (scored(-0.02, noise=1), {"gate": "non_inferiority", "non_inferiority_margin": 0.05}, "promoted", True),
+        (scored(-0.02, noise=1), {"gate": "superiority"}, "kept champion", False),  # the same model, other gate
+        (scored(-0.4, noise=1), {"gate": "non_inferiority", "non_inferiority_margin": 0.05}, "kept champion", False),
+        (scored(0.6, noise=1), {"promotion_margin": 0.2}, "kept champion", False),  # better, not by the margin
+    ],
+    ids=["significantly-better", "better-not-significant", "worse", "non-inferior-within-margin",
+         "same-but-superiority", "inferior", "better-below-margin"],
 )
-def test_challenger_against_champion_on_same_data(name: str, tmp_path: Path, challenger: float, margin: float, outcome: str) -> None:
+def test_paired_gate_on_synthetic_scores(
+    name: str, tmp_path: Path, challenger: ScoredSet, rule: dict, outcome: str, significant: bool
+) -> None:
     v1, v2 = new_version(name, tmp_path), new_version(name, tmp_path)
-    run_gate(name, v1, 0.80)
-    decision = run_gate(name, v2, challenger, margin=margin)
-    assert decision.outcome == outcome
+    champion = scored()
+    run_gate(name, v1, champion)
+    decision = run_gate(name, v2, challenger, **rule)
+    assert decision.outcome == outcome, decision.summary
+    assert (decision.comparison.p_value < 0.05) == significant
     assert alias(name, CHALLENGER) == v2
     assert alias(name, CHAMPION) == (v2 if outcome == "promoted" else v1)
     recorded = tags(name, v2)
+    c = decision.comparison
     assert recorded["promotion.decision"] == outcome
-    assert recorded["promotion.champion_version"] == v1 and recorded["promotion.champion_auroc"] == "0.800000"
-    assert recorded["promotion.challenger_auroc"] == f"{challenger:.6f}" and recorded["promotion.champion_rescored"] == "false"
+    assert recorded["promotion.champion_version"] == v1 and recorded["promotion.champion_auroc"] == f"{auroc(champion):.6f}"
+    assert recorded["promotion.challenger_auroc"] == f"{auroc(challenger):.6f}" and recorded["promotion.champion_rescored"] == "false"
+    assert float(recorded["promotion.auroc_difference"]) == pytest.approx(auroc(challenger) - auroc(champion), abs=1e-6)
+    assert float(recorded["promotion.p_value"]) == pytest.approx(c.p_value, rel=1e-5)
+    assert recorded["promotion.difference_ci"] == f"[{c.ci_low:.6f}, {c.ci_high:.6f}] (90%)"
+    assert recorded["promotion.gate"] == rule.get("gate", "superiority") and recorded["promotion.alpha"] == "0.05"
+    assert "p " in recorded["promotion.summary"] and "CI" in recorded["promotion.summary"]
 
 
-def test_champion_from_other_data_is_rescored_on_this_test_set(name: str, tiny_dpa: DPA, image_set: ImageSet, tmp_path: Path) -> None:
+def test_champion_from_other_data_is_rescored_once_on_this_test_set(
+    name: str, tiny_dpa: DPA, image_set: ImageSet, tmp_path: Path
+) -> None:
     v1 = register(tiny_dpa, name)
-    run_gate(name, v1, 0.0, data="old", floor=0.0)  # recorded figure: worse than anything
-    rescored = roc_auc_score([label == "abnormal" for label in image_set.labels], image_set.expected_scores(tiny_dpa))
+    run_gate(name, v1, scored(), data="old", floor=0.0)
+    expected = image_set.expected_scores(tiny_dpa)
+    rescore = scorer_on_test_split(image_set.root)
+    calls = []
+
+    def counting(model_uri: str) -> ScoredSet:
+        calls.append(model_uri)
+        return rescore(model_uri)
+
     v2 = new_version(name, tmp_path)
-    decision = run_gate(name, v2, rescored - 0.01, data="new", floor=0.0, rescore=auroc_rescorer(image_set.root))
+    same = rescore(f"models:/{name}/{v1}")  # the challenger: the very same scores
+    decision = run_gate(name, v2, same, data="new", floor=0.0, rescore=counting)
     assert decision.outcome == "kept champion", decision.summary
-    assert decision.champion.rescored and decision.champion.auroc == pytest.approx(rescored, abs=1e-6)
+    assert calls == [f"models:/{name}/{v1}"]
+    np.testing.assert_allclose(same.scores, expected, rtol=1e-4, atol=1e-6)
+    assert decision.champion.rescored and decision.comparison.difference == 0 and decision.comparison.p_value == 0.5
     assert alias(name, CHAMPION) == v1
     recorded = tags(name, v2)
     assert recorded["promotion.champion_rescored"] == "true" and recorded["promotion.champion_data_version"] == "old"
     assert "re-scored on data new" in recorded["promotion.summary"]
 
+    v3 = new_version(name, tmp_path)  # the next challenger on the same data: the stored scores, no re-score
+    decision = run_gate(name, v3, same, data="new", floor=0.0, rescore=never_rescore)
+    assert not decision.champion.rescored and calls == [f"models:/{name}/{v1}"]
+
 
 def test_failure_while_deciding_keeps_the_champion(name: str, tmp_path: Path) -> None:
     v1, v2 = new_version(name, tmp_path), new_version(name, tmp_path)
-    run_gate(name, v1, 0.7, data="old")
+    run_gate(name, v1, scored(), data="old")
 
-    def broken(model_uri: str) -> float:
+    def broken(model_uri: str) -> ScoredSet:
         raise OSError("test images unreadable")
 
     with pytest.raises(OSError):
-        run_gate(name, v2, 0.99, data="new", rescore=broken)
+        run_gate(name, v2, scored(2.0, noise=1), data="new", rescore=broken)
     assert alias(name, CHAMPION) == v1
     assert "promotion.decision" not in tags(name, v2)
+
+
+def test_scores_of_another_image_set_are_refused(name: str, tmp_path: Path) -> None:
+    v1, v2 = new_version(name, tmp_path), new_version(name, tmp_path)
+    run_gate(name, v1, scored())
+    other = scored(2.0, noise=1).model_copy(update={"paths": [f"other{i}.png" for i in range(2 * N)]})
+    with pytest.raises(ValueError, match="not scored on the same test split"):
+        run_gate(name, v2, other)
+    assert alias(name, CHAMPION) == v1
 
 
 def test_champion_changed_meanwhile_is_decided_again(name: str, tmp_path: Path) -> None:
     """While the old champion is re-scored, another run promotes a better model: compare-and-set
     sees the change and re-decides against the new champion instead of overwriting it."""
     v1, v2, v3 = (new_version(name, tmp_path) for _ in range(3))
-    run_gate(name, v1, 0.7, data="old")
-    MlflowClient().set_model_version_tag(name, v2, "test_auroc", "0.950000")
-    MlflowClient().set_model_version_tag(name, v2, "data_version", "new")
+    run_gate(name, v1, scored(), data="old")
+    client = MlflowClient()
+    strong = scored(1.5, noise=2)
+    log_scores(client, client.get_model_version(name, v2).run_id, "new", strong)
+    client.set_model_version_tag(name, v2, "data_version", "new")
 
-    def rescore_while_another_run_promotes(model_uri: str) -> float:
-        MlflowClient().set_registered_model_alias(name, CHAMPION, v2)
-        return 0.5
+    def rescore_while_another_run_promotes(model_uri: str) -> ScoredSet:
+        client.set_registered_model_alias(name, CHAMPION, v2)
+        return scored(-1.0)
 
-    decision = run_gate(name, v3, 0.9, data="new", rescore=rescore_while_another_run_promotes)
+    decision = run_gate(name, v3, scored(0.6, noise=1), data="new", rescore=rescore_while_another_run_promotes)
     assert decision.outcome == "kept champion" and decision.champion.version == v2
     assert alias(name, CHAMPION) == v2
     assert tags(name, v3)["promotion.champion_version"] == v2
@@ -143,21 +214,32 @@ def test_champion_changed_meanwhile_is_decided_again(name: str, tmp_path: Path) 
 
 def test_register_model_task_logs_a_servable_version(name: str, tiny_dpa: DPA, image_set: ImageSet) -> None:
     cfg = run_config().model_copy(update={"registry": run_config().registry.model_copy(update={"model_name": name})})
-    evaluation = ModelEvaluation(metrics=evaluate_scores([0, 1], [0.0, 1.0]), threshold=0.1, threshold_rule="rule")
+    evaluation = ModelEvaluation(metrics=evaluate_scores([0, 1], [0.0, 1.0]), threshold=0.1, threshold_rule="rule",
+                                 normal_scores=[0.01, 0.02, 0.05, 0.1])
     with mlflow.start_run() as run:
         version = register_model.fn(tiny_dpa, evaluation, cfg, run.info.run_id)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     assert model.metadata.run_id == run.info.run_id and model.metadata.metadata["threshold"] == 0.1
+    reference = load_reference(f"models:/{name}/{version}")
+    assert reference.scores == [0.01, 0.02, 0.05, 0.1] and reference.threshold == 0.1 and reference.source == "rule"
+    assert reference.threshold_quantile == cfg.registry.threshold_quantile
+    assert reference.threshold_at(0.5) == pytest.approx(0.035)
+
+
+def test_a_version_without_reference_scores_says_so(name: str, tmp_path: Path) -> None:
+    v1 = new_version(name, tmp_path)
+    with pytest.raises(FileNotFoundError, match="reference/normal_scores.json"):
+        load_reference(f"models:/{name}/{v1}")
 
 
 def test_concurrent_promotions_leave_exactly_the_best_champion(prefect_server: None, name: str, tmp_path: Path) -> None:
-    versions = {new_version(name, tmp_path): auroc for auroc in (0.80, 0.90)}
+    versions = {new_version(name, tmp_path): signal for signal in (0.0, 1.5)}
     start, decisions, errors = threading.Barrier(len(versions)), [], []
 
-    def finish_run(version: str, auroc: float) -> None:
+    def finish_run(version: str, signal: float) -> None:
         start.wait()
         try:
-            decisions.append(promote_model(name, version, auroc, "d1", 0.0, 0.6, never_rescore))
+            decisions.append(promote_model(name, version, scored(signal, noise=int(signal)), "d1", GateRule(), never_rescore))
         except Exception as exc:  # surfaced below, with the thread's traceback
             errors.append(exc)
 

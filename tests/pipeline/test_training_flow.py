@@ -1,7 +1,8 @@
 """The training flow end to end, in process: temporary Prefect server, SQLite MLflow, a tiny run.
 
 What a user relies on: a run is fully tracked and registered; a bad dataset stops at the gate,
-registers nothing and leaves the previous data version in place; a second run gets a decision.
+registers nothing and leaves the previous data version in place; a retrain that is not
+significantly better keeps the champion, with the paired test in its tags.
 """
 
 from __future__ import annotations
@@ -45,17 +46,21 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(first["run_id"], "train_loss")) >= 1
     logged = {a.path for a in client.list_artifacts(first["run_id"])}
-    assert {"config", "validation", "evaluation"} <= logged, logged
+    assert {"config", "validation", "evaluation", "test_scores", "reference"} <= logged, logged
     champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == "1" and champion.run_id == first["run_id"]
 
-    second = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
+    # a retrain with another seed on the same 28 test images: a small difference, not significant
+    second = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0, "dpa.train.seed": 1}))
     assert second["version"] == "2" and second["data_version"] == first["data_version"]
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     tags = client.get_model_version(name, "2").tags
-    assert any("decision" in key for key in tags), tags
-    expected_champion = "2" if second["promoted"] else "1"
-    assert str(client.get_model_version_by_alias(name, "champion").version) == expected_champion
+    assert tags["promotion.decision"] == "kept champion" and not second["promoted"], tags["promotion.summary"]
+    assert float(tags["promotion.p_value"]) >= 0.05 and tags["promotion.champion_rescored"] == "false"
+    assert float(tags["promotion.champion_auroc"]) == pytest.approx(first["auroc"], abs=1e-6)
+    assert float(tags["promotion.auroc_difference"]) == pytest.approx(second["auroc"] - first["auroc"], abs=1e-6)
+    assert "one-sided p" in second["decision"] and "CI" in second["decision"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
 def test_a_bad_dataset_stops_at_the_gate_registers_nothing_and_keeps_the_data_version(project: Path, prefect_server) -> None:
