@@ -110,13 +110,15 @@ def score(
     input: Annotated[Path, typer.Option("--input", help="folder of images, dataset dir with manifest.csv, or DICOM dir")] = ...,
     out: Annotated[Path, typer.Option(help="output directory for scores.csv and heat maps")] = Path("scores"),
     heatmaps: Annotated[bool, typer.Option(help="write heat-map PNGs")] = True,
+    threshold: Annotated[Optional[float], typer.Option(help="anomaly if score > this (instead of the registered threshold)")] = None,
+    specificity: Annotated[Optional[float], typer.Option(help="threshold = this quantile of the version's normal reference scores, e.g. 0.99")] = None,
 ) -> None:
     """Score images with a registered model (by default the champion)."""
     from tasks.scoring import score_inputs
     from tasks.tracking import configure_tracking
 
     configure_tracking()
-    typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps)}")
+    typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, threshold, specificity)}")
 
 
 @data_app.command("phantoms")

@@ -284,6 +284,10 @@ class ModelEvaluation(BaseModel):
     threshold: float
     threshold_rule: str
     val_auroc: float | None = None
+    normal_scores: list[float]
+    """The normal-image scores the threshold is a quantile of (stored with the version as its reference)."""
+    normal_source: str = VAL_NORMALS
+    threshold_quantile: float = 0.95
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -305,6 +309,7 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         threshold=operating_threshold(normal_scores, quantile),
         threshold_rule=threshold_rule(quantile, source),
         val_auroc=float(roc_auc_score(val_labels, val_scores)) if 0 < val_labels.sum() < len(val_labels) else None,
+        normal_scores=normal_scores.tolist(), normal_source=source, threshold_quantile=quantile,
     )
     _log_metrics(result, run_id)
     card = model_card(

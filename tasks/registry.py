@@ -224,7 +224,9 @@ def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id
     """Log the pyfunc model into the run and register it; returns the new version number."""
     with _in_run(run_id):
         info = log_dpa_model(
-            dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule
+            dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule,
+            normal_scores=evaluation.normal_scores, normal_source=evaluation.normal_source,
+            quantile=evaluation.threshold_quantile,
         )
     return str(info.registered_model_version)
 

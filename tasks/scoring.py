@@ -98,10 +98,14 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
     return frame.reindex(columns=[SCORE, IS_ANOMALY, *([HEATMAP] if heatmaps else []), ERROR])
 
 
-def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True) -> Path:
-    """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`)."""
+def score_inputs(
+    model_uri: str, input: str, out: str, heatmaps: bool = True,
+    threshold: float | None = None, specificity: float | None = None,
+) -> Path:
+    """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`).
+    `threshold` or `specificity` set the operating point as the serving params do."""
     inputs = list_inputs(input)
-    scorer = load_dpa_scorer(model_uri)
+    scorer = load_dpa_scorer(model_uri, threshold, specificity)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = []
@@ -164,8 +168,11 @@ def auroc_rescorer(dataset_dir: str | Path) -> Callable[[str], float]:
 
 
 @task(name="score-images", cache_policy=NO_CACHE)
-def score_inputs_task(model_uri: str, input: str, out: str, heatmaps: bool = True) -> Path:
-    return score_inputs(model_uri, input, out, heatmaps)
+def score_inputs_task(
+    model_uri: str, input: str, out: str, heatmaps: bool = True,
+    threshold: float | None = None, specificity: float | None = None,
+) -> Path:
+    return score_inputs(model_uri, input, out, heatmaps, threshold, specificity)
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)

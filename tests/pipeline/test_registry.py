@@ -143,7 +143,7 @@ def test_champion_changed_meanwhile_is_decided_again(name: str, tmp_path: Path) 
 
 def test_register_model_task_logs_a_servable_version(name: str, tiny_dpa: DPA, image_set: ImageSet) -> None:
     cfg = run_config().model_copy(update={"registry": run_config().registry.model_copy(update={"model_name": name})})
-    evaluation = ModelEvaluation(metrics=evaluate_scores([0, 1], [0.0, 1.0]), threshold=0.1, threshold_rule="rule")
+    evaluation = ModelEvaluation(metrics=evaluate_scores([0, 1], [0.0, 1.0]), threshold=0.1, threshold_rule="rule", normal_scores=[0.05, 0.1])
     with mlflow.start_run() as run:
         version = register_model.fn(tiny_dpa, evaluation, cfg, run.info.run_id)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
