@@ -148,6 +148,8 @@ def score(
     out: Annotated[Path, typer.Option(help="output directory for scores.csv and heat maps")] = Path("scores"),
     heatmaps: Annotated[bool, typer.Option(help="write heat-map PNGs")] = True,
     chunk_size: Annotated[int, typer.Option(min=1, help="images scored (and saved) together")] = 64,
+    threshold: Annotated[Optional[float], typer.Option(help="anomaly if score > this (instead of the registered threshold)")] = None,
+    specificity: Annotated[Optional[float], typer.Option(help="threshold = this quantile of the version's normal reference scores, e.g. 0.99")] = None,
 ) -> None:
     """Score images with a registered model (by default the champion). Crash-safe: rerun the same
     command after a crash or a stop to score only what is missing."""
@@ -156,7 +158,7 @@ def score(
 
     configure_tracking()
     with exit_code_on_signal():
-        typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size)}")
+        typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold, specificity)}")
 
 
 @app.command()

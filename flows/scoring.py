@@ -12,10 +12,15 @@ DEFAULT_MODEL_URI = "models:/dpa-phantoms@champion"
 
 
 @flow(name="dpa-batch-scoring", log_prints=True)
-def batch_scoring(input: str, out: str, model_uri: str = DEFAULT_MODEL_URI, heatmaps: bool = True) -> str:
+def batch_scoring(
+    input: str, out: str, model_uri: str = DEFAULT_MODEL_URI, heatmaps: bool = True,
+    threshold: float | None = None, specificity: float | None = None,
+) -> str:
     """Score every image under `input` (folder, dataset dir with manifest.csv, or DICOM dir) with
-    `model_uri`; write `out/scores.csv` and, with `heatmaps`, `out/heatmaps/`. Returns the CSV path."""
-    scores_csv = score_inputs_task(model_uri, input, out, heatmaps)
+    `model_uri`; write `out/scores.csv` and, with `heatmaps`, `out/heatmaps/`. Returns the CSV path.
+    `threshold` (a score) or `specificity` (a quantile of the version's reference normal scores)
+    replace the registered threshold, as the serving params do."""
+    scores_csv = score_inputs_task(model_uri, input, out, heatmaps, threshold, specificity)
     for row in publish_scoring_summary(scores_csv, model_uri):
         print(f"{row['metric']}: {row['value']}")
     return str(scores_csv)

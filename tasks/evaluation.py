@@ -345,6 +345,8 @@ class ModelEvaluation(BaseModel):
     """Per-image test scores (manifest paths, 1 = abnormal): the paired promotion gate compares them."""
     normal_scores: list[float] = []
     """The scores the threshold was set on: the version's reference distribution (drift, specificity)."""
+    normal_source: str = VAL_NORMALS
+    threshold_quantile: float = 0.95
 
     @property
     def baseline_warning(self) -> str | None:
@@ -373,6 +375,7 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         baselines=baseline_evaluations(data, dpa.max_res, seed=cfg.dpa.train.seed),
         test_paths=test.manifest[PATH].astype(str).tolist(), test_labels=test_labels.astype(int).tolist(),
         test_scores=test_scores.astype(float).tolist(), normal_scores=normal_scores.astype(float).tolist(),
+        normal_source=source, threshold_quantile=quantile,
     )
     if result.baseline_warning:
         log.warning(result.baseline_warning)

@@ -298,7 +298,9 @@ def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id
     new version number."""
     with _in_run(run_id):
         info = log_dpa_model(
-            dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule
+            dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule,
+            normal_scores=evaluation.normal_scores, normal_source=evaluation.normal_source,
+            quantile=evaluation.threshold_quantile,
         )
     if evaluation.normal_scores:
         reference = ReferenceScores(

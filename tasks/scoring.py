@@ -114,8 +114,12 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
     return frame.reindex(columns=[SCORE, IS_ANOMALY, *([HEATMAP] if heatmaps else []), ERROR])
 
 
-def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK) -> Path:
+def score_inputs(
+    model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK,
+    threshold: float | None = None, specificity: float | None = None,
+) -> Path:
     """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`).
+    `threshold` or `specificity` set the operating point as the serving params do.
 
     Crash-safe and resumable (see `tasks.score_journal`): rows reach the journal chunk by chunk, a
     rerun skips what is there, and scores.csv is written (atomically) once every file is scored.
@@ -124,6 +128,7 @@ def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True, ch
     inputs = list_inputs(input)
     inputs[INPUT_DIGEST] = file_digests(list(inputs[FILE]))
     model = resolve_model(model_uri)
+    scorer = load_dpa_scorer(model.uri, threshold, specificity)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = [PATH, SCORE, IS_ANOMALY, *([LABEL] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
@@ -135,7 +140,7 @@ def score_inputs(model_uri: str, input: str, out: str, heatmaps: bool = True, ch
         todo = inputs[~_keys(inputs).isin(set(_keys(done)))].reset_index(drop=True)
         if len(todo) < len(inputs):
             print(f"resuming {out_dir}: {len(inputs) - len(todo)} of {len(inputs)} files already scored by version {model.version}")
-        fresh = _score_todo(model, todo, out_dir, heatmaps, journal, chunk_size)
+        fresh = _score_todo(model, scorer, todo, out_dir, heatmaps, journal, chunk_size)
         results = _in_input_order(inputs, pd.concat([done, fresh.astype(str)], ignore_index=True), columns)
         csv = out_dir / SCORES_CSV
         _write_atomically(results, csv)
@@ -149,14 +154,14 @@ def _keys(frame: pd.DataFrame) -> pd.Series:
 
 
 def _score_todo(
-    model: ModelRef, todo: pd.DataFrame, out_dir: Path, heatmaps: bool, journal: ScoreJournal, chunk_size: int
+    model: ModelRef, scorer: DPAPyfuncModel, todo: pd.DataFrame, out_dir: Path, heatmaps: bool, journal: ScoreJournal, chunk_size: int
 ) -> pd.DataFrame:
     """Score the files not yet in the journal, appending each chunk durably before the next;
     unreadable files (no digest) are not journaled: they are cheap to report again."""
     if todo.empty:
         return pd.DataFrame(columns=journal.columns)
     frames = []
-    for frame in iter_scores(load_dpa_scorer(model.uri), list(todo[FILE]), heatmaps, chunk_size):
+    for frame in iter_scores(scorer, list(todo[FILE]), heatmaps, chunk_size):
         if heatmaps:
             frame[HEATMAP] = [_write_heatmap(out_dir, todo.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
         rows = pd.concat([todo.loc[frame.index].drop(columns=FILE), frame], axis=1)
@@ -247,8 +252,11 @@ def auroc_rescorer(dataset_dir: str | Path) -> Callable[[str], float]:
 
 
 @task(name="score-images", cache_policy=NO_CACHE)
-def score_inputs_task(model_uri: str, input: str, out: str, heatmaps: bool = True) -> Path:
-    return score_inputs(model_uri, input, out, heatmaps)
+def score_inputs_task(
+    model_uri: str, input: str, out: str, heatmaps: bool = True,
+    threshold: float | None = None, specificity: float | None = None,
+) -> Path:
+    return score_inputs(model_uri, input, out, heatmaps, threshold, specificity)
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)

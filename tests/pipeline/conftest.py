@@ -30,7 +30,7 @@ from data_layer.preprocessing import PreprocessConfig, preprocess_images
 from model.dpa import DPA
 from model.scoring import score_images
 from model.trainer import train_dpa
-from tasks.evaluation import operating_threshold, threshold_rule
+from tasks.evaluation import VAL_NORMALS, operating_threshold, threshold_rule
 from tasks.mlflow_model import CHAMPION, log_dpa_model
 from tests.model_core.conftest import blob_images, tiny_config
 
@@ -47,6 +47,7 @@ class RegisteredDPA:
     version: str
     dpa: DPA
     threshold: float
+    normal_scores: tuple[float, ...] = ()
 
     @property
     def champion_uri(self) -> str:
@@ -91,21 +92,25 @@ def run_config() -> RunConfig:
     return RunConfig(preset="pipeline-test", preprocess=PREPROCESS, dpa=tiny_config(res=RES, stab_iters=30))
 
 
-def register(dpa: DPA, name: str, threshold: float = 1.0) -> str:
-    """Log and register `dpa` in a fresh run; the new version number."""
+def register(dpa: DPA, name: str, threshold: float = 1.0, normal_scores: list[float] | None = None) -> str:
+    """Log and register `dpa` in a fresh run; the new version number. The reference normal scores
+    default to ones whose 0.95 quantile is `threshold`."""
+    normals = normal_scores if normal_scores is not None else [threshold * k / 20 for k in range(21)]
     with mlflow.start_run():
-        info = log_dpa_model(dpa, PREPROCESS, threshold, name, threshold_rule(0.95))
+        info = log_dpa_model(dpa, PREPROCESS, threshold, name, threshold_rule(0.95),
+                             normal_scores=normals, normal_source=VAL_NORMALS, quantile=0.95)
     return str(info.registered_model_version)
 
 
 @pytest.fixture(scope="session")
 def champion(mlflow_store: str, tiny_dpa: DPA) -> RegisteredDPA:
     """The tiny DPA registered under its own name with the `champion` alias."""
-    threshold = operating_threshold(score_images(tiny_dpa, blob_images(32, RES, seed=1)).numpy(), 0.95)
+    normals = score_images(tiny_dpa, blob_images(32, RES, seed=1)).numpy()
+    threshold = operating_threshold(normals, 0.95)
     name = f"dpa-test-{uuid.uuid4().hex[:8]}"
-    version = register(tiny_dpa, name, threshold)
+    version = register(tiny_dpa, name, threshold, normals.tolist())
     MlflowClient().set_registered_model_alias(name, CHAMPION, version)
-    return RegisteredDPA(name, version, tiny_dpa, threshold)
+    return RegisteredDPA(name, version, tiny_dpa, threshold, tuple(normals.tolist()))
 
 
 @pytest.fixture(scope="session")
