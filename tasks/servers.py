@@ -1,4 +1,4 @@
-"""Run a real server (moto S3, MLflow, Prefect, ...) as a subprocess for integration tests.
+"""Run a real server (Prefect, MLflow, moto S3, ...) as a subprocess: for `dpa up` and the integration tests.
 
 The server binds 127.0.0.1 on a free port, is polled on a health URL until it answers 2xx, and is
 stopped with its whole process group (servers such as MLflow and Prefect fork workers). Output
@@ -63,11 +63,14 @@ def start_server(
     cwd: str | Path | None = None,
     timeout: float = 60.0,
     log_file: str | Path | None = None,
+    port: int | None = None,
 ) -> Server:
-    """Start `command` ('{host}'/'{port}' in its arguments are filled in) and wait until
-    `GET <url><health_path>` answers 2xx. `env` adds to (or overrides) the current environment.
+    """Start `command` ('{host}'/'{port}' in its arguments are filled in; the port is a free one
+    unless given) and wait until `GET <url><health_path>` answers 2xx. `env` adds to (or
+    overrides) the current environment. The server runs in its own session, so it outlives its
+    caller and its whole process group can be stopped.
     """
-    port = free_port()
+    port = port or free_port()
     args = [arg.replace("{host}", HOST).replace("{port}", str(port)) for arg in command]
     if log_file is None:
         handle, log_file = tempfile.mkstemp(prefix="server-", suffix=".log")
