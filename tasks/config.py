@@ -56,7 +56,7 @@ SOURCES = [
     _source("nih", "NIH ChestX-ray14", "A local NIH ChestX-ray14 download; options: root, view."),
     _source("camelyon16", "Camelyon16 patches", "Local Camelyon16 patches; options: root."),
 ]
-DataSourceChoice = Annotated[Union[tuple(SOURCES)], Field(discriminator="importer")]
+DataSourceChoice = Union[tuple(SOURCES)]  # a plain union: the UI shows one titled button per variant (a oneOf inside anyOf renders untitled)
 
 
 class RegistryConfig(BaseModel):
