@@ -33,10 +33,11 @@ def test_overrides_have_an_example(form: dict) -> None:
 
 def test_data_sources_are_named_variants(form: dict) -> None:
     dataset = form["definitions"]["PipelineParams"]["properties"]["dataset"]
-    variants = next(option for option in dataset["anyOf"] if "oneOf" in option)
-    titles = {form["definitions"][ref["$ref"].rsplit("/", 1)[1]]["title"] for ref in variants["oneOf"]}
-    assert {"DVC-versioned data", "Synthetic phantoms", "Image folder", "NIH ChestX-ray14"} <= titles
-    assert set(variants["discriminator"]["mapping"]) == {"dvc", "phantoms", "folder", "csv", "medmnist", "cifar10", "svhn", "nih", "camelyon16"}
+    variants = [form["definitions"][o["$ref"].rsplit("/", 1)[1]] for o in dataset["anyOf"] if "$ref" in o]
+    assert {"DVC-versioned data", "Synthetic phantoms", "Image folder", "NIH ChestX-ray14"} <= {v["title"] for v in variants}
+    importers = {v["properties"]["importer"]["const"] for v in variants}
+    assert importers == {"dvc", "phantoms", "folder", "csv", "medmnist", "cifar10", "svhn", "nih", "camelyon16"}
+    assert {"type": "null"} in dataset["anyOf"]
 
 
 def test_a_chosen_variant_keeps_its_options() -> None:
