@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lock clean
+.PHONY: setup demo test bench lock clean up down
 
 setup: $(STAMP)
 
@@ -20,6 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The local stack for UI-triggered runs (Prefect server + worker, MLflow server); see docs/deployments.md.
+up: $(STAMP)
+	$(VENV)/bin/dpa up
+
+down: $(STAMP)
+	$(VENV)/bin/dpa down
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --preset demo

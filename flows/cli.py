@@ -219,3 +219,31 @@ def data_validate(
     report = validate_dataset(dataset_dir, ValidationRules(**parse_overrides(overrides)), report_dir)
     typer.echo(report.summary())
     raise typer.Exit(0 if report.success else 1)
+
+
+@app.command()
+def up(
+    prefect_port: Annotated[int, typer.Option(help="Prefect server and UI port on 127.0.0.1")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server and UI port on 127.0.0.1")] = 5000,
+    prefect_db: Annotated[Optional[str], typer.Option(
+        envvar="DPA_PREFECT_DB_URL", help="Prefect database URL, or 'sqlite'; default: the local PostgreSQL if it answers, else SQLite")] = None,
+) -> None:
+    """Bring up the local stack for UI-triggered runs: Prefect server, MLflow server, work pool, deployments, worker."""
+    from tasks.stack import StackError, describe
+    from tasks.stack import up as start_stack
+
+    try:
+        stack = start_stack(prefect_port, mlflow_port, prefect_db)
+    except StackError as error:
+        typer.echo(f"dpa up: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(describe(stack))
+
+
+@app.command()
+def down() -> None:
+    """Stop exactly what `dpa up` started (by its recorded process ids)."""
+    from tasks.stack import down as stop_stack
+
+    stopped = stop_stack()
+    typer.echo(f"stopped {', '.join(f'{p.name} ({p.pid})' for p in stopped)}" if stopped else "no stack was running")

@@ -7,12 +7,13 @@ configuration that every task reads and MLflow logs as params.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_layer.preprocessing import PreprocessConfig
 from data_layer.validation import ValidationRules
@@ -20,6 +21,7 @@ from model.config import DPAConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def project_dir() -> Path:
@@ -33,6 +35,28 @@ class DataSource(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     importer: Literal["dvc", "phantoms", "folder", "csv", "medmnist", "cifar10", "svhn", "nih", "camelyon16"] = "phantoms"
+
+
+def _source(importer: str, title: str, doc: str) -> type[DataSource]:
+    """One named variant of the run form's data-source choice; its options are the importer's arguments."""
+    return type(f"{importer.capitalize()}Source", (DataSource,), {
+        "__doc__": doc, "__annotations__": {"importer": Literal[importer]}, "importer": importer,
+        "model_config": ConfigDict(extra="allow", title=title),
+    })
+
+
+SOURCES = [
+    _source("dvc", "DVC-versioned data", "The project's data/ as versioned by DVC (pulled from the remote when missing)."),
+    _source("phantoms", "Synthetic phantoms", "Synthetic chest X-ray phantoms; options: PhantomSpec fields (n_train_normal, size, seed, ...)."),
+    _source("folder", "Image folder", "normal/ and abnormal/<type>/ folders; options: source (the folder), salt, seed."),
+    _source("csv", "CSV manifest", "An existing CSV; options: csv_path and its column names."),
+    _source("medmnist", "MedMNIST", "A MedMNIST .npz (e.g. PneumoniaMNIST); options: npz_path."),
+    _source("cifar10", "CIFAR-10 one-vs-rest", "CIFAR-10 from a local torchvision copy; options: root, normal_class."),
+    _source("svhn", "SVHN one-vs-rest", "SVHN from a local torchvision copy; options: root, normal_class."),
+    _source("nih", "NIH ChestX-ray14", "A local NIH ChestX-ray14 download; options: root, view."),
+    _source("camelyon16", "Camelyon16 patches", "Local Camelyon16 patches; options: root."),
+]
+DataSourceChoice = Union[tuple(SOURCES)]  # a plain union: the UI shows one titled button per variant (a oneOf inside anyOf renders untitled)
 
 
 class RegistryConfig(BaseModel):
@@ -80,15 +104,43 @@ class RunConfig(BaseModel):
         return self
 
 
-class PipelineParams(BaseModel):
-    """What a person chooses when starting a run (the Prefect UI form, the CLI flags)."""
+OVERRIDES_EXAMPLE = {"dpa.train.stab_iters": 500, "dpa.train.lr": 0.0005, "dataset.n_train_normal": 400}
 
-    preset: str = Field("demo", description=f"a preset in configs/ ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))})")
+
+class PipelineParams(BaseModel):
+    """What a person chooses when starting a run (the Prefect UI form, the CLI flags). A wrong preset
+    or override key is refused here, before any data are touched."""
+
+    preset: str = Field("demo", description="a preset in configs/", json_schema_extra={"enum": PRESETS})
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted keys into the preset, e.g. {'dpa.train.stab_iters': 500}"
+        default_factory=dict, examples=[OVERRIDES_EXAMPLE],
+        description=f"dotted keys into the preset and their values, e.g. {json.dumps(OVERRIDES_EXAMPLE)}",
     )
-    dataset: DataSource | None = Field(None, description="data source; default: the preset's")
+    dataset: DataSourceChoice | None = Field(None, description="data source; default: the preset's")
     model_name: str | None = Field(None, description="registered model name; default: the preset's registry.model_name")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        return preset
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _source_as_dict(cls, value: Any) -> Any:
+        return value.model_dump() if isinstance(value, DataSource) else value
+
+    @model_validator(mode="after")
+    def _overrides_resolve(self) -> PipelineParams:
+        try:
+            resolve_run_config(self)
+        except ValidationError as error:
+            unknown = [".".join(map(str, e["loc"])) for e in error.errors() if e["type"] == "extra_forbidden"]
+            if unknown:
+                raise ValueError(f"unknown override key(s) {', '.join(unknown)}: no such setting in preset {self.preset!r}") from None
+            raise ValueError(f"preset {self.preset!r} with these overrides is not a valid configuration: {error}") from None
+        return self
 
 
 def load_preset(name: str) -> dict[str, Any]:

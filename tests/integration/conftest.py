@@ -15,14 +15,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psycopg2
 import pytest
 from psycopg2 import sql
 
-from tests.servers import Server, running_server
+from tests.servers import Server, free_port, running_server
+
+if TYPE_CHECKING:
+    from tasks.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -109,3 +112,24 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         command = [str(BIN / "prefect"), "server", "start", "--host", "{host}", "--port", "{port}"]
         with running_server(command, "/api/health", env=env, log_file=home / "server.log", timeout=120) as server:
             yield PrefectServer(server, home)
+
+
+@contextmanager
+def dpa_stack(root: Path, *, prefect_db: str = "sqlite") -> Iterator[tuple["Stack", dict[str, str]]]:
+    """`dpa up` for a fresh project under `root` on free ports (exactly the CLI a person runs), and
+    `dpa down` afterwards; yields the recorded stack and the environment the CLI ran with."""
+    from tasks.stack import read_stack
+
+    project = root / "project"
+    project.mkdir()
+    subprocess.run(["git", "init", "--quiet", str(project)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPA_", "MLFLOW_", "PREFECT_API"))}
+    env.update(DPA_PROJECT_DIR=str(project), DPA_PREFECT_DB_URL=prefect_db, PREFECT_HOME=str(root / "prefect-client"))
+    up = [str(BIN / "dpa"), "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
+    try:
+        output = run_command(up, env, timeout=600)
+        stack = read_stack(project)
+        assert stack is not None and stack.prefect_url in output and stack.mlflow_url in output, output
+        yield stack, env
+    finally:
+        subprocess.run([str(BIN / "dpa"), "down"], env=env, cwd=REPO, capture_output=True, timeout=300, check=False)
