@@ -158,7 +158,7 @@ def score(
 
     configure_tracking()
     with exit_code_on_signal():
-        typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold, specificity)}")
+        typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold=threshold, specificity=specificity)}")
 
 
 @app.command()

@@ -8,7 +8,6 @@ a batch's scores with it; a threshold by specificity is its quantile. `load_refe
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
 from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, is_image_file, read_image
-from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path, select
+from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
 from tasks.evaluation import binary_labels
 from tasks.interrupt import raise_if_stopping, stop_on_signal
 from tasks.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
@@ -234,29 +234,12 @@ def summarize(scores_csv: Path) -> list[dict[str, str]]:
     return [{"metric": key, "value": str(value)} for key, value in rows.items()]
 
 
-def auroc_rescorer(dataset_dir: str | Path) -> Callable[[str], float]:
-    """`rescore(model_uri) -> AUROC` on the test split of a dataset, read from its files, so a
-    champion with another preprocessing config is scored exactly as it would serve."""
-    test = select(read_manifest(dataset_dir), split="test")
-    files = [resolve_path(dataset_dir, p) for p in test[PATH]]
-
-    def rescore(model_uri: str) -> float:
-        frames = pd.concat(iter_scores(load_dpa_scorer(model_uri), files, heatmaps=False))
-        failed = frames[frames[ERROR] != ""]
-        if len(failed):
-            first = "; ".join(failed[ERROR][:5])
-            raise ImageReadError(f"re-scoring {model_uri} failed on {len(failed)} test file(s): {first}")
-        return float(roc_auc_score(binary_labels(test[LABEL]), frames[SCORE].astype(float)))
-
-    return rescore
-
-
 @task(name="score-images", cache_policy=NO_CACHE)
 def score_inputs_task(
     model_uri: str, input: str, out: str, heatmaps: bool = True,
     threshold: float | None = None, specificity: float | None = None,
 ) -> Path:
-    return score_inputs(model_uri, input, out, heatmaps, threshold, specificity)
+    return score_inputs(model_uri, input, out, heatmaps, threshold=threshold, specificity=specificity)
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)
