@@ -104,7 +104,7 @@ def test_sigterm_to_dpa_train_checkpoints_exits_143_and_the_rerun_resumes(projec
     assert 0 < stopped_at < 150 and "stopped by SIGTERM" in run.output
     assert len(list((project / ".dpa" / "checkpoints").rglob("checkpoint.pt"))) == 1
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert client.search_registered_models() == []  # nothing registered by the stopped run
+    assert client.search_model_versions("name = 'dpa-signal-test'") == []  # nothing registered by the stopped run
 
     rerun = Running(TRAIN, env)
     assert rerun.finish() == 0, rerun.output[-4000:]
