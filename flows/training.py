@@ -22,7 +22,8 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_config
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
-from tasks.evaluation import ModelEvaluation, baseline_metrics, evaluate
+from tasks.baseline_evaluation import baseline_metrics
+from tasks.evaluation import ModelEvaluation, evaluate
 from tasks.lineage import log_dataset_input
 from tasks.preprocessing import PreprocessedDataset, preprocess
 from tasks.registry import GateRule, promote_model, register_model

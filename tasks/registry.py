@@ -41,7 +41,6 @@ from model.dpa import DPA
 from tasks.evaluation import ModelEvaluation
 from tasks.mlflow_model import CHAMPION, log_dpa_model
 from tasks.paired_auc import PairedAUROC, paired_delong
-from tasks.reference_scores import ReferenceScores, log_reference
 from tasks.version_scores import ScoredSet, aligned, load_scores, log_scores
 
 if TYPE_CHECKING:  # tasks.config imports the GX gate: seconds, only needed by type checkers here
@@ -294,20 +293,14 @@ def _in_run(run_id: str) -> Iterator[None]:
 
 @task(name="register-model", cache_policy=NO_CACHE)
 def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id: str) -> str:
-    """Log the pyfunc model and its reference normal scores into the run and register it; returns the
-    new version number."""
+    """Log the pyfunc model (with its reference normal scores) into the run and register it; returns
+    the new version number."""
     with _in_run(run_id):
         info = log_dpa_model(
             dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule,
             normal_scores=evaluation.normal_scores, normal_source=evaluation.normal_source,
             quantile=evaluation.threshold_quantile,
         )
-    if evaluation.normal_scores:
-        reference = ReferenceScores(
-            source=evaluation.threshold_rule, threshold_quantile=cfg.registry.threshold_quantile,
-            threshold=evaluation.threshold, scores=evaluation.normal_scores,
-        )
-        log_reference(MlflowClient(), run_id, reference)
     return str(info.registered_model_version)
 
 

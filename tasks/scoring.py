@@ -30,7 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, is_image_file, read_image
 from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
-from tasks.evaluation import binary_labels
+from tasks.metrics import binary_labels
 from tasks.interrupt import raise_if_stopping, stop_on_signal
 from tasks.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
 from tasks.score_journal import (

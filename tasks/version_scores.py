@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from data_layer.images import ImageReadError
 from data_layer.manifest import LABEL, PATH, read_manifest, resolve_path, select
-from tasks.evaluation import ModelEvaluation, binary_labels
+from tasks.evaluation import ModelEvaluation
+from tasks.metrics import binary_labels
 from tasks.mlflow_model import SCORE, load_dpa_scorer
 from tasks.scoring import ERROR, iter_scores
 

@@ -10,10 +10,13 @@ import torch
 from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-import tasks.evaluation as evaluation
+import tasks.baseline_evaluation as baseline_evaluation
 from model.baselines import fit_baselines
 from model.dpa import DPA
-from tasks.evaluation import Evaluation, baseline_evaluations, baseline_warning, evaluate, model_card, threshold_rule
+from tasks.baseline_evaluation import baseline_evaluations, baseline_warning
+from tasks.evaluation import evaluate
+from tasks.evaluation_report import model_card
+from tasks.metrics import Evaluation, threshold_rule
 from tests.pipeline.conftest import RES, run_config
 from tests.pipeline.test_evaluation import _dataset
 
@@ -26,7 +29,7 @@ def test_baselines_are_fitted_on_the_training_normals_only(monkeypatch: pytest.M
         seen.append(images.clone())
         return fit_baselines(images)
 
-    monkeypatch.setattr(evaluation, "fit_baselines", spy)
+    monkeypatch.setattr(baseline_evaluation, "fit_baselines", spy)
     result = baseline_evaluations(data, RES)
     train_normals = data.subset(split="train", label="normal").images
     assert len(seen) == 1 and torch.equal(seen[0], train_normals)

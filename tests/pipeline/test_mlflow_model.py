@@ -164,6 +164,8 @@ def test_a_version_logged_as_a_pickle_is_refused_or_read_without_unpickling(
     assert scorer.threshold == ServingConfig.model_validate_json((source / "serving_config.json").read_text()).threshold
     with pytest.raises(ValueError, match="no stored reference scores"):
         scorer.operating_threshold(specificity=0.9)
+    with pytest.raises(LegacyModelError, match="no reference_scores.json.*retrain it"):
+        load_reference_scores(info.model_uri)
 
 
 def test_logging_needs_an_active_run(tiny_dpa, mlflow_store: str) -> None:

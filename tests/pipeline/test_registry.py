@@ -18,7 +18,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from sklearn.metrics import roc_auc_score
 
 from model.dpa import DPA
-from tasks.evaluation import ModelEvaluation, evaluate_scores
+from tasks.evaluation import ModelEvaluation
+from tasks.metrics import evaluate_scores
+from tasks.mlflow_model import load_reference_scores
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
@@ -30,7 +32,6 @@ from tasks.registry import (
     promotion_limit_name,
     register_model,
 )
-from tasks.reference_scores import load_reference
 from tasks.version_scores import ScoredSet, load_scores, log_scores, scorer_on_test_split
 from tests.pipeline.conftest import ImageSet, register, run_config
 
@@ -220,16 +221,10 @@ def test_register_model_task_logs_a_servable_version(name: str, tiny_dpa: DPA, i
         version = register_model.fn(tiny_dpa, evaluation, cfg, run.info.run_id)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     assert model.metadata.run_id == run.info.run_id and model.metadata.metadata["threshold"] == 0.1
-    reference = load_reference(f"models:/{name}/{version}")
-    assert reference.scores == [0.01, 0.02, 0.05, 0.1] and reference.threshold == 0.1 and reference.source == "rule"
-    assert reference.threshold_quantile == cfg.registry.threshold_quantile
+    reference = load_reference_scores(f"models:/{name}/{version}")
+    assert reference.scores == [0.01, 0.02, 0.05, 0.1] and reference.rule == "rule"
+    assert reference.source == evaluation.normal_source and reference.quantile == evaluation.threshold_quantile
     assert reference.threshold_at(0.5) == pytest.approx(0.035)
-
-
-def test_a_version_without_reference_scores_says_so(name: str, tmp_path: Path) -> None:
-    v1 = new_version(name, tmp_path)
-    with pytest.raises(FileNotFoundError, match="reference/normal_scores.json"):
-        load_reference(f"models:/{name}/{v1}")
 
 
 def test_concurrent_promotions_leave_exactly_the_best_champion(prefect_server: None, name: str, tmp_path: Path) -> None:
