@@ -8,7 +8,8 @@ Two tables are validated with GX 1.x expectations:
   channels, size, 8-bit, not constant, no identical pixels shared by two splits).
 
 Pandas only derives columns (decode facts, the splits a group or a pixel hash spans); GX does every
-assertion, so the rules show up in GX's Data Docs next to the offending rows. A failure becomes a
+assertion (the suites are in `data_layer.expectations`), so the rules show up in GX's Data Docs
+next to the offending rows (built to read offline by `data_layer.data_docs`). A failure becomes a
 `ValidationReport` entry with a count, the first rows and a fix hint; `ensure_valid` turns a failed
 report into `DataValidationError`, which the training flow lets stop the run.
 """
@@ -17,37 +18,25 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
-from typing import Any, Literal
+from typing import Any
 
 import great_expectations as gx
 import numpy as np
 import pandas as pd
-from great_expectations.data_context import EphemeralDataContext
-from great_expectations.data_context.types.base import (
-    DataContextConfig,
-    InMemoryStoreBackendDefaults,
-    ProgressBarsConfig,
-)
-from great_expectations.expectations.row_conditions import Column
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from data_layer.images import DEFAULT_MAX_PIXELS, ImageReadError, pixel_hash, read_image
+from data_layer.data_docs import build_offline_data_docs, data_docs_context
+from data_layer.expectations import LINE, ValidationRules, image_checks, manifest_checks, schema_checks
+from data_layer.images import ImageReadError, pixel_hash, read_image
 from data_layer.manifest import (
-    ABNORMAL,
-    COLUMNS,
     GROUP,
-    LABEL,
-    LABELS,
     MANIFEST_NAME,
-    NORMAL,
     PATH,
     REQUIRED_COLUMNS,
     SPLIT,
-    SPLITS,
     ManifestError,
     path_problem,
     resolve_path,
@@ -55,23 +44,8 @@ from data_layer.manifest import (
 
 REPORT_NAME = "validation_report.json"
 DOCS_DIR = "data_docs"
-LINE = "line"
-"""Line number in manifest.csv (header = line 1), so a report points at the line to edit."""
 INDEX_COLUMNS = (LINE, PATH, SPLIT, GROUP)
 """Columns shown for every offending row, in both tables."""
-
-
-class ValidationRules(BaseModel):
-    """What the gate demands of a dataset; presets and the CLI override the defaults."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    min_train_normals: int = Field(10, ge=0, description="normal images needed in split=train")
-    min_size: int = Field(32, ge=1, description="smallest allowed image side, in pixels")
-    expected_channels: Literal[1, 3, "any"] = "any"
-    max_examples: int = Field(10, ge=1, description="offending rows listed per failed check")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb limit")
-    workers: int | None = Field(None, ge=1, description="decoding threads; None: one per CPU")
 
 
 class CheckResult(BaseModel):
@@ -148,10 +122,9 @@ def validate_dataset(
     dataset_dir = Path(dataset_dir)
     manifest = _manifest_table(dataset_dir)
     complete = set(REQUIRED_COLUMNS) <= set(manifest.columns)
-    manifest_checks = _schema_checks() + (_manifest_checks(rules) if complete else [])
-    tables = {"manifest": (manifest, manifest_checks)}
+    tables = {"manifest": (manifest, schema_checks() + (manifest_checks(rules) if complete else []))}
     if complete:
-        tables["images"] = (_image_table(dataset_dir, manifest, rules), _image_checks(rules))
+        tables["images"] = (_image_table(dataset_dir, manifest, rules), image_checks(rules))
     docs_dir = Path(report_dir) / DOCS_DIR if report_dir is not None else None
     checks = _run_gx(tables, rules, docs_dir)
     report = ValidationReport(
@@ -241,160 +214,11 @@ def _splits_sharing(table: pd.DataFrame, key: str) -> pd.Series:
     return table[key].map(spans)
 
 
-def _check(
-    expectation: gx.expectations.Expectation, name: str, hint: str, key: str | None = None
-) -> gx.expectations.Expectation:
-    """Attach the report's name, fix hint ($items/$observed get filled in) and example key."""
-    expectation.meta = {"check": name, "hint": hint, "key": key}
-    return expectation
-
-
-def _schema_checks() -> list[gx.expectations.Expectation]:
-    return [
-        _check(
-            gx.expectations.ExpectTableColumnsToMatchSet(
-                column_set=list(REQUIRED_COLUMNS), exact_match=False
-            ),
-            "required columns",
-            f"add the missing column(s) $items; the header must be {','.join(COLUMNS)}",
-        )
-    ]
-
-
-def _manifest_checks(rules: ValidationRules) -> list[gx.expectations.Expectation]:
-    not_null = [
-        _check(
-            gx.expectations.ExpectColumnValuesToNotBeNull(column=column),
-            f"{column} filled in",
-            f"fill in {column} on manifest line(s) $items",
-            LINE,
-        )
-        for column in REQUIRED_COLUMNS
-    ]
-    train_normals = (Column(SPLIT) == "train") & (Column(LABEL) == NORMAL)
-    return not_null + [
-        _check(
-            gx.expectations.ExpectColumnValuesToBeInSet(column=LABEL, value_set=list(LABELS)),
-            "known labels",
-            f"use label '{NORMAL}' or '{ABNORMAL}' instead of $items",
-            LABEL,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeInSet(column=SPLIT, value_set=list(SPLITS)),
-            "known splits",
-            f"use split {' / '.join(SPLITS)} instead of $items",
-            SPLIT,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeUnique(column=PATH),
-            "unique paths",
-            "list each file once: remove the duplicate rows of $items",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeNull(column="path_problem"),
-            "paths inside the dataset",
-            "use paths relative to the dataset directory, without '..' or a leading '/', "
-            "and move the files there: $items",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToNotMatchRegex(column="group_splits", regex=r"\+"),
-            "each group in one split",
-            "move every image of group(s) $items into a single split (a patient in two splits "
-            "leaks into the evaluation)",
-            GROUP,
-        ),
-        _check(
-            gx.expectations.ExpectTableRowCountToBeBetween(
-                min_value=rules.min_train_normals, row_condition=train_normals
-            ),
-            "enough normal training images",
-            f"only $observed normal images in split=train, {rules.min_train_normals} needed: "
-            "import more normal images or lower min_train_normals",
-        ),
-        _check(
-            gx.expectations.ExpectColumnDistinctValuesToContainSet(
-                column=LABEL, value_set=list(LABELS), row_condition=Column(SPLIT) == "test"
-            ),
-            "both classes in test",
-            "split=test has no $items images; AUROC needs normal and abnormal test images",
-        ),
-    ]
-
-
-def _image_checks(rules: ValidationRules) -> list[gx.expectations.Expectation]:
-    channels = [1, 3] if rules.expected_channels == "any" else [rules.expected_channels]
-    return [
-        _check(
-            gx.expectations.ExpectColumnValuesToBeNull(column="error"),
-            "readable images",
-            "remove or re-export the unreadable file(s) $items (and fix their manifest rows)",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeInSet(column="channels", value_set=channels),
-            "expected channels",
-            f"convert $items to {rules.expected_channels} channel(s), or change expected_channels",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeBetween(
-                column="min_side", min_value=rules.min_size
-            ),
-            "minimum size",
-            f"re-export $items with sides of at least {rules.min_size} px, or remove them",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
-            "8-bit pixels",
-            "the decoder returned non-8-bit pixels for $items: report this as a reader bug",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToBeBetween(
-                column="std", min_value=0, strict_min=True
-            ),
-            "not constant",
-            "$items are blank (one grey level): re-export them from the source or remove them",
-            PATH,
-        ),
-        _check(
-            gx.expectations.ExpectColumnValuesToNotMatchRegex(column="pixel_splits", regex=r"\+"),
-            "no identical image in two splits",
-            "identical pixels appear in more than one split: keep one copy of $items",
-            PATH,
-        ),
-    ]
-
-
-def _context(docs_dir: Path | None) -> EphemeralDataContext:
-    """A throwaway in-memory GX context: nothing global, safe to run concurrently."""
-    sites = {} if docs_dir is None else {
-        "local_site": {
-            "class_name": "SiteBuilder",
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(docs_dir.resolve()),
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        }
-    }
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        data_docs_sites=sites,
-        analytics_enabled=False,
-        progress_bars=ProgressBarsConfig(globally=False),
-    )
-    return gx.get_context(mode="ephemeral", project_config=config)
-
-
 def _run_gx(
     tables: dict[str, tuple[pd.DataFrame, list]], rules: ValidationRules, docs_dir: Path | None
 ) -> list[CheckResult]:
     """Validate each table against its suite; results stay in the context for Data Docs."""
-    context = _context(docs_dir)
+    context = data_docs_context(docs_dir)
     source = context.data_sources.add_pandas("dataset")
     checks: list[CheckResult] = []
     for name, (frame, expectations) in tables.items():
@@ -415,8 +239,7 @@ def _run_gx(
         outcomes = sorted(result.results, key=lambda outcome: order[outcome.expectation_config.id])
         checks.extend(_check_result(name, outcome) for outcome in outcomes)
     if docs_dir is not None:
-        shutil.rmtree(docs_dir, ignore_errors=True)
-        context.build_data_docs()
+        build_offline_data_docs(context, docs_dir)
     return checks
 
 

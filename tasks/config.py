@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_layer.preprocessing import PreprocessConfig
-from data_layer.validation import ValidationRules
+from data_layer.expectations import ValidationRules
 from model.config import DPAConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

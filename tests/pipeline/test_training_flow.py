@@ -46,7 +46,7 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(first["run_id"], "train_loss")) >= 1
     logged = {a.path for a in client.list_artifacts(first["run_id"])}
-    assert {"config", "validation", "evaluation", "test_scores", "reference"} <= logged, logged
+    assert {"config", "validation", "evaluation", "test_scores"} <= logged, logged
     champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == "1" and champion.run_id == first["run_id"]
 
