@@ -26,6 +26,10 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dpa-tests-prefect-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # tasks called outside a flow
+# One intra-op thread, here and in every server, worker and CLI process a test starts: the tests'
+# networks are tiny, and two threads per process, with several processes on two cores, spend
+# most of their time waiting for each other (a tiny training step ran about 3x slower).
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
