@@ -143,6 +143,7 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, prefect_db: str | None
         )
     for port in (prefect_port, mlflow_port):
         _require_free(port)
+    mlflow_backend_uri()  # refused before anything starts
     logs = stack_dir(project)
     logs.mkdir(parents=True, exist_ok=True)
     database = prefect_database_url(prefect_db or os.environ.get("DPA_PREFECT_DB_URL"))

@@ -40,7 +40,11 @@ def postgres_database(prefix: str) -> Iterator[str]:
     try:
         yield name
     finally:
-        _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(name)
+
+
+def drop_database(name: str) -> None:
+    _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _admin(statement: sql.Composable) -> None:

@@ -1,18 +1,23 @@
 """`dpa up` / `dpa down` with real processes: the stack comes up on PostgreSQL with its deployments and
-a worker, a second `dpa up` is refused while it runs, and `dpa down` leaves no process behind."""
+a worker, a second `dpa up` is refused while it runs, and `dpa down` leaves no process behind; a busy
+port or a tracking-server URI is refused before anything starts; the local PostgreSQL is found."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
+import psycopg2
 import pytest
 
-from tasks.stack import Stack, read_stack, running_processes
-from tests.integration.conftest import BIN, REPO, dpa_stack, postgres_database, postgres_url, run_command
+from tasks.servers import HOST, free_port
+from tasks.stack import LOCAL_POSTGRES, Stack, StackError, prefect_database_url, read_stack, running_processes, up
+from tests.integration.conftest import BIN, REPO, drop_database, dpa_stack, postgres_database, postgres_url, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -58,3 +63,38 @@ def test_down_leaves_no_process_behind(stack: tuple[Stack, dict[str, str]]) -> N
     assert [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     assert read_stack(Path(env["DPA_PROJECT_DIR"])) is None
     assert "no stack was running" in run_command([str(BIN / "dpa"), "down"], env, timeout=300)
+
+
+def test_a_busy_port_is_refused_before_anything_starts(project: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StackError, match=rf"{HOST}:{port} is in use.*--prefect-port"):
+            up(prefect_port=port, mlflow_port=free_port())
+    assert read_stack(project) is None and not (project / ".dpa" / "stack" / "prefect-server.log").exists()
+
+
+def test_a_tracking_server_uri_is_refused_before_anything_starts(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    with pytest.raises(StackError, match="already a tracking server; unset it"):
+        up(prefect_port=free_port(), mlflow_port=free_port())
+    assert read_stack(project) is None and not (project / ".dpa" / "stack" / "prefect-server.log").exists()
+
+
+def test_the_local_postgresql_is_found_and_its_database_created() -> None:
+    name = f"dpa_prefect_probe_{uuid.uuid4().hex[:8]}"
+    try:
+        assert prefect_database_url(None, name) == f"postgresql+asyncpg://postgres@{HOST}:5432/{name}"
+        assert prefect_database_url(None, name) == f"postgresql+asyncpg://postgres@{HOST}:5432/{name}"  # exists now: reused
+        with psycopg2.connect(dbname=name, **LOCAL_POSTGRES):
+            pass
+    finally:
+        drop_database(name)
+    assert prefect_database_url("sqlite", name) is None
+    assert prefect_database_url("postgresql+asyncpg://db.example/prefect", name) == "postgresql+asyncpg://db.example/prefect"
+
+
+def test_without_a_local_postgresql_the_server_uses_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LOCAL_POSTGRES, "port", free_port())  # nothing listens there
+    assert prefect_database_url(None) is None
