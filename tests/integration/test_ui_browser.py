@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from tasks.config import PRESETS
 from tasks.stack import Stack
 from tests.integration.conftest import dpa_stack
 from tests.tiny import TINY_OVERRIDES
@@ -42,7 +43,13 @@ def fill_run_form(page: Page, stack: Stack, deployment_id: str, model_name: str,
     page.goto(f"{stack.prefect_url}/deployments/deployment/{deployment_id}/run", timeout=120_000)
     expect(page.get_by_text("Preset (Optional)")).to_be_visible(timeout=120_000)  # the form rendered
 
-    expect(page.locator(".p-select-button__value").first).to_have_text("demo")  # the preset drop-down's default
+    preset = page.locator(".p-select-button__value").first
+    expect(preset).to_have_text("demo")  # the preset drop-down's default
+    page.locator(".p-select-button__control").first.focus()
+    page.keyboard.press("ArrowDown")  # opens the drop-down (a plain click does not, in Playwright)
+    expect(page.get_by_role("option")).to_have_count(len(PRESETS))  # one option per preset in configs/
+    page.get_by_role("option", name="demo", exact=True).click()
+    expect(preset).to_have_text("demo")
 
     overrides = {**TINY_OVERRIDES, "registry.auroc_floor": 0.0}
     editor = page.locator(".schema-form-property-kind-json textarea").first
