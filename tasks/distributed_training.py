@@ -52,8 +52,9 @@ def train_distributed(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path
         (work / CONFIG).write_text(cfg.model_dump_json())
         torch.save(images.cpu().clone(), work / IMAGES)  # a view would save its whole storage
         save_dpa(seeded_dpa(cfg), work / INITIAL)
+        # its own session: a terminal's Ctrl-C reaches the ranks once, through the parent and torchrun
         proc = subprocess.Popen(torchrun_command(cfg.train.nproc_per_node, work, checkpoint_dir.resolve()),
-                                env=_environment(cfg.train.nproc_per_node), stderr=subprocess.PIPE)
+                                env=_environment(cfg.train.nproc_per_node), stderr=subprocess.PIPE, start_new_session=True)
         try:
             output = _follow(proc, work / CURVE, callbacks)
         finally:
