@@ -61,8 +61,8 @@ def train_distributed(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path
             if proc.poll() is None:  # the parent failed (e.g. logging): take the job down with it
                 proc.terminate()
                 proc.wait()
-        raise_if_stopping()
         if proc.returncode:
+            raise_if_stopping()  # stopped by a signal: rank 0 has checkpointed, a rerun resumes
             raise RankFailed(failure_report(work / LOGS, proc.returncode, output))
         return load_dpa(work / RESULT).to(select_device(cfg.train.device))
 
