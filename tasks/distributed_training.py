@@ -98,6 +98,7 @@ def _follow(proc: subprocess.Popen, curve: Path, callbacks: Sequence[StepCallbac
 
 
 def _drain(fd: int, decoder: codecs.IncrementalDecoder) -> str:
+    """Echo and return what torchrun wrote since the last call (the pipe does not block)."""
     text = ""
     while True:
         try:
@@ -156,7 +157,7 @@ def main(work: Path, checkpoint_dir: Path) -> None:
     images = torch.load(work / IMAGES, weights_only=True, mmap=True)
     with process_group(select_device(cfg.train.device)) as world, stop_on_signal():
         callbacks = [_curve_writer(work / CURVE)] if world.is_main else []
-        trainer = Trainer(cfg, images, checkpoint_dir, callbacks, progress=True, dpa=load_dpa(work / INITIAL))
+        trainer = Trainer(cfg, images, checkpoint_dir, callbacks, dpa=load_dpa(work / INITIAL))
         trainer.callbacks.append(checkpoint_on_stop(trainer))
         dpa = trainer.fit()
         if world.is_main:
