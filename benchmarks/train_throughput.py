@@ -2,27 +2,33 @@
 
 One row per variant (feature cache on/off × compile on/off), warm-up excluded; FLOPs per step are
 counted by torch.utils.flop_counter on one eager step of the same variant (forward + backward).
+Started by torchrun, every rank trains its share of each batch through DDP and rank 0 prints the
+figures of the whole job (images/s of the global batch, TFLOP/s summed over ranks).
 
     python benchmarks/train_throughput.py --preset nih_pa_wo_pg --iters 20
     python benchmarks/train_throughput.py --preset demo --layer r32 --batch-size 64 --threads 2
+    torchrun --standalone --nproc-per-node 2 benchmarks/train_throughput.py --preset nih_pa_wo_pg
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import preset_dpa_config, random_images, stored_res, sync
-from model.trainer import Trainer
+from model.distributed import World, process_group
+from model.trainer import Trainer, select_device
 
 CHOICES = {"on": [True], "off": [False], "both": [True, False]}
 
 
-def measure(args: argparse.Namespace, cache: bool, compile_: bool) -> dict:
-    overrides = {"iters": args.warmup + args.iters + 1, "device": args.device, "log_every": 10**9}
+def measure(args: argparse.Namespace, world: World, cache: bool, compile_: bool) -> dict:
+    overrides = {"iters": args.warmup + args.iters + 1, "device": args.device, "log_every": 10**9,
+                 "nproc_per_node": world.size}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     if not cache:
@@ -39,14 +45,14 @@ def measure(args: argparse.Namespace, cache: bool, compile_: bool) -> dict:
     trainer.fit(until=args.warmup + args.iters)
     sync(trainer.device)
     seconds = time.perf_counter() - start
-    trainer._loss_fn = trainer.dpa.stage_loss  # count the eager step: the same arithmetic
+    trainer._loss_fn = trainer._eager_loss  # count the eager step: the same arithmetic
     with FlopCounterMode(display=False) as counter:
         trainer.fit(until=args.warmup + args.iters + 1)
     ms = 1000 * seconds / args.iters
     return {
         "device": trainer.device, "cfg": cfg, "cache": cache and getattr(trainer, "cache", None) is not None, "compile": compile_,
         "images_per_s": args.iters * bs / seconds, "ms_per_step": ms,
-        "tflops": counter.get_total_flops() / (ms / 1000) / 1e12,
+        "tflops": world.size * counter.get_total_flops() / (ms / 1000) / 1e12,
     }
 
 
@@ -66,13 +72,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "WORLD_SIZE" in os.environ:  # started by torchrun
+        with process_group(select_device(args.device)) as world:
+            report(args, world)
+    else:
+        report(args, World())
+
+
+def report(args: argparse.Namespace, world: World) -> None:
     for compile_ in CHOICES[args.compile]:
         for cache in CHOICES[args.cache]:
-            r = measure(args, cache, compile_)
+            r = measure(args, world, cache, compile_)
+            if not world.is_main:
+                continue
             device = r["device"]
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu({torch.get_num_threads()}t)"
             net, cfg = r["cfg"].network, r["cfg"]
-            print(f"preset={args.preset} stage={args.stage} device={name} res={net.max_res} batch={cfg.train.batch_size} "
+            print(f"preset={args.preset} stage={args.stage} device={name} ranks={world.size} res={net.max_res} batch={cfg.train.batch_size} "
                   f"layers={','.join(cfg.loss.layers_at(net.max_res))} bf16={device.type == 'cuda' and cfg.train.bf16} "
                   f"cache={r['cache']} compile={r['compile']} images_per_s={r['images_per_s']:.1f} "
                   f"ms_per_step={r['ms_per_step']:.2f} tflops={r['tflops']:.3f}", flush=True)

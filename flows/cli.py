@@ -67,11 +67,14 @@ def train(
     dataset: Annotated[Optional[str], typer.Option(help='data source as JSON, e.g. \'{"importer": "dvc"}\'')] = None,
     model_name: Annotated[Optional[str], typer.Option(help="registered model name")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="train N seeds in parallel, report mean ± std (dpa.train.seeds)")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        "--nproc-per-node", help="train on N processes (one per GPU) with DDP through torchrun (dpa.train.nproc_per_node)")] = None,
 ) -> None:
     """Run the training pipeline: data → validate → preprocess → train → evaluate → register → promote."""
     from flows.training import baseline_line, training_pipeline
 
-    overrides = [*(overrides or []), *([f"dpa.train.seeds={seeds}"] if seeds else [])]
+    flags = {"seeds": seeds, "nproc_per_node": nproc_per_node}
+    overrides = [*(overrides or []), *(f"dpa.train.{key}={value}" for key, value in flags.items() if value)]
     with exit_code_on_signal():
         summary = training_pipeline(_params(preset, overrides, dataset, model_name))
     typer.echo(json.dumps(summary, indent=2, default=str))

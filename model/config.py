@@ -157,6 +157,22 @@ class TrainConfig(BaseModel):
         4096, ge=0, description="device memory for caching the input's VGG features when the input is deterministic (0: off)"
     )
     compile: bool = Field(False, description="torch.compile the training loss (falls back to eager, logged, if it fails)")
+    nproc_per_node: int = Field(
+        1, ge=1, description="train on this many processes with DDP through torchrun (one per GPU; CPU: gloo); "
+        "each takes batch_size/nproc_per_node of every batch"
+    )
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> TrainConfig:
+        n = self.nproc_per_node
+        if self.batch_size % n:
+            raise ValueError(f"train.batch_size={self.batch_size} must be divisible by train.nproc_per_node={n}")
+        if n > 1 and ":" in self.device:
+            raise ValueError(
+                f"train.device={self.device} with train.nproc_per_node={n}: each process takes the GPU of its "
+                "local rank; set train.device to cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        return self
 
 
 class DPAConfig(BaseModel):

@@ -4,7 +4,7 @@ One iteration is one Adam step on one batch; Adam is re-created at every stage c
 kept is the last iterate (dpa_method.md §1.1, §4). Training data stay a uint8 tensor on the
 device; batches are drawn, augmented and converted there. All randomness of the loop comes from
 one `torch.Generator`, which a checkpoint stores, so "train N, stop, resume, train N" equals
-"train 2N".
+"train 2N". Inside a torchrun job each rank trains on its share of every batch (model.distributed).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from model.batches import BatchSampler, apply_augment, augment, is_deterministic
 from model.config import AugmentConfig, DPAConfig
+from model.distributed import World, data_parallel
 from model.dpa import DPA, to_model_range
 from model.feature_cache import FeatureCache
 from model.perceptual import training_feature_stats
@@ -67,6 +68,14 @@ def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
+def seeded_dpa(cfg: DPAConfig) -> DPA:
+    """The untrained DPA every run of `cfg` starts from (its init seeded by train.seed), built
+    without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return DPA.build(cfg)
+
+
 class Trainer:
     def __init__(
         self,
@@ -82,16 +91,22 @@ class Trainer:
                 f"training images must be uint8 N×{cfg.network.image_channels}×H×W, got {images.dtype} {tuple(images.shape)}"
             )
         self.cfg = cfg
+        self.world = World.current()
+        if self.world.size != cfg.train.nproc_per_node:
+            raise ValueError(
+                f"train.nproc_per_node={cfg.train.nproc_per_node} but this process is one of {self.world.size}: "
+                "with more than one, train through the training task (it starts torchrun), else set it to 1"
+            )
         self.device = select_device(cfg.train.device)
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.images = images.to(self.device)
-        torch.manual_seed(cfg.train.seed)  # before building: the network init must be seeded too
-        self.dpa = (dpa or DPA.build(cfg)).to(self.device, memory_format=self.memory_format)
+        torch.manual_seed(cfg.train.seed)  # whatever draws from the global RNG starts the same every run
+        self.dpa = (dpa or seeded_dpa(cfg)).to(self.device, memory_format=self.memory_format)
         self.stages = stage_schedule(cfg)
         self.total_iterations = sum(s.iters for s in self.stages)
         self.checkpoint_dir = checkpoint_dir
         self.callbacks = list(callbacks)
-        self.progress = progress
+        self.progress = progress and self.world.is_main
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.sampler = BatchSampler(images.shape, cfg.train.batch_size, cfg.network.max_res, cfg.train.augment,
                                     self.generator, self.device)
@@ -107,14 +122,16 @@ class Trainer:
             if cacheable and cfg.train.feature_cache_mb > 0 else None
         )
         self._alphas: dict[int, torch.Tensor] = {}
-        self._loss_fn = self._compiled_loss() if cfg.train.compile else self.dpa.stage_loss
+        multi_resolution = cfg.initial_res < cfg.network.max_res
+        self._eager_loss = data_parallel(self.dpa, multi_resolution) if self.world.joined else self.dpa.stage_loss
+        self._loss_fn = self._compiled_loss() if cfg.train.compile else self._eager_loss
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.cfg.train.bf16)
 
     def _compiled_loss(self) -> Callable:
         """torch.compile of the loss; the first failure (no compiler, unsupported op) falls back to eager."""
-        compiled = torch.compile(self.dpa.stage_loss, dynamic=False)
+        compiled = torch.compile(self._eager_loss, dynamic=False)
 
         @functools.wraps(self.dpa.stage_loss)
         def loss_fn(*args, **kwargs):
@@ -123,8 +140,8 @@ class Trainer:
             except Exception as err:  # noqa: BLE001 - inductor/dynamo raise many types; all mean "run eager"
                 log.warning("train.compile: torch.compile failed (%s: %s); training continues eagerly",
                             type(err).__name__, err)
-                self._loss_fn = self.dpa.stage_loss
-                return self.dpa.stage_loss(*args, **kwargs)
+                self._loss_fn = self._eager_loss
+                return self._eager_loss(*args, **kwargs)
 
         return loss_fn
 
@@ -143,7 +160,9 @@ class Trainer:
         return torch.optim.Adam(trainable, lr=self.cfg.train.lr, fused=self.device.type == "cuda" or None)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch: its image indices and the model input."""
         idx, draws = self.sampler.next()
+        idx, draws = self.world.share(idx), {k: self.world.share(v) for k, v in draws.items()}
         x = apply_augment(self.images[idx], self.cfg.network.max_res, draws)
         return idx, to_model_range(x).contiguous(memory_format=self.memory_format)
 
@@ -202,7 +221,7 @@ class Trainer:
             bar.update(1)
             done = self.stage_index == len(self.stages) or self.iteration == until
             if self.iteration % self.cfg.train.log_every == 0 or done:
-                value = float(loss)  # the only host sync of the loop
+                value = float(self.world.mean(loss))  # the only host sync of the loop
                 self._check_loss(value, stage)
                 speed = window_images / (time.perf_counter() - window_start)
                 bar.set_postfix(stage=f"{stage.kind}@{stage.res}", loss=f"{value:.4f}")
@@ -225,7 +244,10 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> None:
-        """Everything needed to continue exactly; written atomically (tmp file + rename)."""
+        """Everything needed to continue exactly; written atomically (tmp file + rename), by rank 0
+        alone: every rank holds the same state."""
+        if not self.world.is_main:
+            return
         state = {
             "config": self.cfg.model_dump(mode="json"),
             "dpa": self.dpa.state_dict(),

@@ -84,7 +84,7 @@ def checkpoint_on_stop(trainer: Trainer) -> Callable[[StepInfo], None]:
 
     def callback(info: StepInfo) -> None:
         if stop_requested() is not None:
-            if trainer.checkpoint_dir is not None:
+            if trainer.checkpoint_dir is not None and trainer.world.is_main:  # rank 0 writes for all
                 trainer.save_checkpoint()
                 print(f"checkpoint written at iteration {info.iteration}/{info.total_iterations}: {trainer.checkpoint_path}", flush=True)
             raise_if_stopping()

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from model.config import DPAConfig
 from model.dpa import DPA
 from model.trainer import Trainer
+from tasks.distributed_training import train_distributed
 from tasks.interrupt import checkpoint_on_stop, stop_on_signal
 from tasks.tracking import MetricsLogger
 
@@ -20,8 +21,11 @@ def train(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path, run_id: st
     """No retries here: a crash resumes from the checkpoint when the same run is started again.
 
     SIGTERM/SIGINT stop training after the current step with a checkpoint written, so the rerun resumes there.
+    With `train.nproc_per_node` > 1 the step runs on that many processes (DDP through torchrun).
     """
     with stop_on_signal():
+        if cfg.train.nproc_per_node > 1:
+            return train_distributed(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
         trainer = Trainer(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
         trainer.callbacks.append(checkpoint_on_stop(trainer))
         return trainer.fit()
