@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from model.progressive import Stage, stage_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAX_LOSS = 1e6  # the reference stops training above this too
+_BUILD_LOCK = threading.Lock()
+"""A trainer seeds torch's global RNG, then draws the network's initial weights (and random VGG
+weights) from it: trainers built at once in threads (parallel seeds, benchmark cells, trials)
+would interleave those draws, and the same seed would give another model."""
 log = logging.getLogger(__name__)
 
 
@@ -85,8 +90,9 @@ class Trainer:
         self.device = select_device(cfg.train.device)
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.images = images.to(self.device)
-        torch.manual_seed(cfg.train.seed)  # before building: the network init must be seeded too
-        self.dpa = (dpa or DPA.build(cfg)).to(self.device, memory_format=self.memory_format)
+        with _BUILD_LOCK:
+            torch.manual_seed(cfg.train.seed)  # before building: the network init must be seeded too
+            self.dpa = (dpa or DPA.build(cfg)).to(self.device, memory_format=self.memory_format)
         self.stages = stage_schedule(cfg)
         self.total_iterations = sum(s.iters for s in self.stages)
         self.checkpoint_dir = checkpoint_dir
