@@ -2,7 +2,7 @@
 
 presets (names, globs, YAML files) × seeds → cells, each keyed by preset, seed and a digest of its
 data source, preprocessing and method → the cells already recorded in the out dir are skipped →
-each remaining preset's data imported once, validated and cached → cells fanned out through a task
+the remaining presets' data imported once, validated and cached → cells fanned out through a task
 runner (threads here; a Dask cluster with a cluster address) → each finished cell's record written
 at once → one table: CSV + Markdown in the out dir, the parent MLflow run (one child run per cell),
 a Prefect artifact.
@@ -112,16 +112,15 @@ def cell_data(cfg: RunConfig, project: Path) -> SearchData:
 
 
 def run_cells(todo: list[BenchmarkCell], params: BenchmarkParams, out_dir: Path, experiment_id: str, parent_run_id: str) -> dict[str, str]:
-    """Fan the cells out, a preset's as soon as its data are ready (the next preset's data are
-    prepared while they train); write each record as its cell finishes. Returns the failed cells' errors."""
+    """Every preset's data first (a data problem stops the benchmark before any training), then the
+    cells fanned out; each record is written as its cell finishes. Returns the failed cells' errors."""
     project, futures, failures = project_dir(), {}, {}
+    data = {preset: cell_data(cfg, project) for preset, cfg in {cell.preset: cell.cfg for cell in todo}.items()}
     with make_task_runner(None, params.max_workers, params.cluster_address) as runner:
-        for preset, cfg in {cell.preset: cell.cfg for cell in todo}.items():
-            data = cell_data(cfg, project)
-            for cell in (c for c in todo if c.preset == preset):
-                parameters = {"cell": cell, "data": data, "checkpoint_dir": cell.checkpoint_dir(out_dir),
-                              "experiment_id": experiment_id, "parent_run_id": parent_run_id}
-                futures[runner.submit(run_cell, parameters)] = cell
+        for cell in todo:
+            parameters = {"cell": cell, "data": data[cell.preset], "checkpoint_dir": cell.checkpoint_dir(out_dir),
+                          "experiment_id": experiment_id, "parent_run_id": parent_run_id}
+            futures[runner.submit(run_cell, parameters)] = cell
         for future in as_completed(list(futures)):
             cell = futures[future]
             try:
