@@ -121,9 +121,9 @@ def tune(
     n_trials: Annotated[Optional[int], typer.Option(help="complete trials wanted (default: the whole grid)")] = None,
     study: Annotated[Optional[str], typer.Option(help="study name; rerun with the same name to resume")] = None,
     study_storage: Annotated[Optional[str], typer.Option(help="study database URL")] = None,
-    runner: Annotated[str, typer.Option(help="threads | processes | dask | ray")] = "threads",
+    runner: Annotated[Optional[str], typer.Option(help="threads | processes | dask | ray (default: dask with a cluster address, else threads)")] = None,
     workers: Annotated[int, typer.Option(help="trials running at the same time")] = 2,
-    cluster_address: Annotated[Optional[str], typer.Option(help="Dask scheduler / Ray address")] = None,
+    cluster_address: Annotated[Optional[str], typer.Option(help="Dask scheduler, e.g. tcp://host:8786 (default: $DPA_DASK_ADDRESS), or Ray address")] = None,
     seed: int = 0,
     train_best: Annotated[bool, typer.Option(help="then train, register and gate the best configuration")] = False,
     dataset: Annotated[Optional[str], typer.Option(help="data source as JSON")] = None,
@@ -142,6 +142,30 @@ def tune(
     with exit_code_on_signal():
         summary = tuning_pipeline(params)
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def benchmark(
+    preset: Annotated[list[str], typer.Option(help="preset name or glob, quoted ('cifar10_class*'), or preset .yaml path(s); repeatable")],
+    seeds: Annotated[int, typer.Option(min=1, help="training seeds per preset")] = 3,
+    overrides: OverrideOpt = None,
+    dataset_root: Annotated[Optional[Path], typer.Option(help="local download for the CIFAR10/SVHN/NIH/Camelyon16 importers (dataset.root)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="cell records and the table; rerun with the same to resume [default: outputs/benchmark]")] = None,
+    cluster_address: Annotated[Optional[str], typer.Option(help="Dask scheduler, e.g. tcp://host:8786 (default: $DPA_DASK_ADDRESS)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="cells at once on this machine (without a cluster)")] = 2,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the parent run")] = "dpa-benchmark",
+) -> None:
+    """Presets × seeds as parallel cells (resumable), summarised in one table beside the baselines and the paper."""
+    from flows.benchmark import BenchmarkParams, benchmark_pipeline
+
+    params = BenchmarkParams(
+        presets=preset, seeds=seeds, overrides=parse_overrides(overrides), dataset_root=str(dataset_root) if dataset_root else None,
+        out_dir=str(out) if out else None, cluster_address=cluster_address, max_workers=workers, experiment=experiment,
+    )
+    with exit_code_on_signal():
+        summary = benchmark_pipeline(params)
+    typer.echo(f"wrote {summary['csv']} and {summary['markdown']} ({summary['ran']} cells run, {summary['skipped']} already done; "
+               f"MLflow parent run {summary['parent_run_id']})")
 
 
 @app.command()

@@ -12,7 +12,6 @@ deployment's concurrency limit); a restart fails the trials a dead run left RUNN
 
 from __future__ import annotations
 
-import importlib
 import signal
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ import optuna
 from optuna.trial import TrialState
 from prefect import flow
 from prefect.futures import PrefectFuture, wait
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.training import resolve_data, training_pipeline
@@ -31,6 +29,7 @@ from tasks.config import DataSource, PipelineParams, RunConfig, project_dir, res
 from tasks.data import DatasetRef
 from tasks.preprocessing import preprocess
 from tasks.interrupt import raise_if_stopping, stop_on_signal, stop_requested
+from tasks.task_runners import make_task_runner
 from tasks.tracking import configure_tracking, ensure_experiment
 from tasks.tuning.data import CVPlan, SearchData, build_trainval_view, plan_cross_validation
 from tasks.tuning.plan import Progress, plan_search
@@ -40,7 +39,6 @@ from tasks.tuning.study import open_study, record_failure, record_result, requeu
 from tasks.tuning.trial import run_trial
 
 TPE_DEFAULT_TRIALS = 20
-CLUSTER_RUNNERS = {"dask": ("prefect_dask", "DaskTaskRunner", "prefect-dask"), "ray": ("prefect_ray", "RayTaskRunner", "prefect-ray")}
 
 
 class TuningParams(PipelineParams):
@@ -60,25 +58,15 @@ class TuningParams(PipelineParams):
     )
     study_name: str | None = Field(None, description="rerun with the same name to resume; default: <preset>-<val_anomaly_type>")
     study_storage: str | None = Field(None, description="study database URL; default: $DPA_STUDY_STORAGE or optuna.db beside mlflow.db")
-    task_runner: Literal["threads", "processes", "dask", "ray"] = Field("threads", description="where trials run")
+    task_runner: Literal["threads", "processes", "dask", "ray"] | None = Field(
+        None, description="where trials run; default: dask when a cluster address is given (or $DPA_DASK_ADDRESS is set), else threads"
+    )
     max_workers: int = Field(2, ge=1, description="trials running at the same time")
-    cluster_address: str | None = Field(None, description="Dask scheduler or Ray address (task_runner dask/ray); none: a local cluster")
+    cluster_address: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786; default $DPA_DASK_ADDRESS) or Ray address; dask without one: a local cluster"
+    )
     seed: int = Field(0, description="folds, the anomaly sample and the sampler")
     train_best: bool = Field(False, description="then train, evaluate, register and gate the best configuration")
-
-
-def make_task_runner(kind: str, max_workers: int, cluster_address: str | None = None) -> TaskRunner:
-    """Threads or processes locally; Dask or Ray (optional packages, imported only when asked for)."""
-    if kind in CLUSTER_RUNNERS:
-        module, name, package = CLUSTER_RUNNERS[kind]
-        try:
-            runner = getattr(importlib.import_module(module), name)
-        except ImportError:
-            raise RuntimeError(f"task_runner={kind!r} needs the {package} package: pip install {package}") from None
-        return runner(address=cluster_address)
-    if cluster_address:
-        raise ValueError(f"cluster_address is for task_runner 'dask' or 'ray', not {kind!r}")
-    return ThreadPoolTaskRunner(max_workers) if kind == "threads" else ProcessPoolTaskRunner(max_workers)
 
 
 def protocol(params: TuningParams, space: SearchSpace, data_version: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from model.progressive import Stage, stage_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAX_LOSS = 1e6  # the reference stops training above this too
+_BUILD_LOCK = threading.Lock()
+"""A trainer seeds torch's global RNG, then draws the network's initial weights (and random VGG
+weights) from it: trainers built at once in threads (parallel seeds, benchmark cells, trials)
+would interleave those draws, and the same seed would give another model."""
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +76,7 @@ def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractCont
 def seeded_dpa(cfg: DPAConfig) -> DPA:
     """The untrained DPA every run of `cfg` starts from (its init seeded by train.seed), built
     without touching the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return DPA.build(cfg)
 

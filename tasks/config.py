@@ -79,6 +79,16 @@ class RegistryConfig(BaseModel):
     )
 
 
+class PublishedFigure(BaseModel):
+    """The test AUROC a preset's setting has in the literature, with the source named: the benchmark
+    table prints it beside the reproduced figure. Only figures that can be sourced are given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    test_auroc: float = Field(ge=0.0, le=1.0)
+    source: str = Field(min_length=1, description="where the figure is printed, and how sure the attribution is")
+
+
 class RunConfig(BaseModel):
     """Everything one pipeline run needs, resolved."""
 
@@ -92,6 +102,7 @@ class RunConfig(BaseModel):
     validation: ValidationRules = ValidationRules()
     registry: RegistryConfig = RegistryConfig()
     experiment: str | None = Field(None, description="MLflow experiment; default: the preset name")
+    paper: PublishedFigure | None = Field(None, description="the published figure for this setting, if one can be sourced")
 
     @model_validator(mode="after")
     def _images_fit_the_network(self) -> RunConfig:

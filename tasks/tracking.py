@@ -47,9 +47,10 @@ def ensure_experiment(name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def log_config_params(config: dict) -> None:
-    """Log a nested config as flat MLflow params (`dpa.train.lr`); lists and empty dicts as JSON."""
-    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(config).items()})
+def log_config_params(config: dict, run_id: str | None = None) -> None:
+    """Log a nested config as flat MLflow params (`dpa.train.lr`) to the active run or `run_id`;
+    lists and empty dicts as JSON."""
+    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(config).items()}, run_id=run_id)
 
 
 def git_commit() -> str:

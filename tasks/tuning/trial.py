@@ -9,7 +9,6 @@ Prefect task the flow fans out through its task runner.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,11 +55,6 @@ class TrialResult:
         return float(np.mean(self.fold_aurocs))
 
 
-_BUILD_LOCK = threading.Lock()
-"""Trainer seeds torch's global RNG, then initialises the network from it: two trials building at
-once in threads would interleave those draws and lose reproducibility."""
-
-
 def validation_auroc(dpa: DPA, normals: torch.Tensor, anomalies: torch.Tensor, batch_size: int) -> float:
     scores = score_images(dpa, torch.cat([normals, anomalies]), batch_size).numpy()
     if not np.isfinite(scores).all():
@@ -77,8 +71,7 @@ def train_fold(
     on_eval: Callable[[int, float], None] = lambda iteration, auroc: None,
 ) -> FoldOutcome:
     """Train on one fold's normals; validate only in the last stage (as the paper does) and stop early."""
-    with _BUILD_LOCK:
-        trainer = Trainer(cfg, train, progress=False)
+    trainer = Trainer(cfg, train, progress=False)  # built under the trainer's own lock: seeded draws stay per trial
     trainer.callbacks.append(checkpoint_on_stop(trainer))  # no checkpoint dir: a stop request just stops it
     last_start = trainer.total_iterations - trainer.stages[-1].iters
     trainer.fit(until=last_start)

@@ -126,3 +126,26 @@ def test_scores_and_maps_in_one_pass_equal_the_separate_calls() -> None:
     scores, maps = scores_and_maps(dpa, test, batch_size=2)
     assert torch.equal(scores, score_images(dpa, test, batch_size=2))
     assert torch.equal(maps, anomaly_maps(dpa, test, batch_size=2))
+
+
+def test_trainers_built_at_once_in_threads_get_their_seeds_weights() -> None:
+    """Parallel seeds and benchmark cells build trainers in threads; each must get what its seed
+    gives alone (the global RNG draws of two builds must not interleave)."""
+    import threading
+
+    configs = [tiny_config(res=16, seed=seed) for seed in (0, 1, 2, 3)]
+    images = blob_images(8, 16, seed=0)
+    alone = [_weights(Trainer(cfg, images, progress=False).dpa) for cfg in configs]
+    start, together = threading.Barrier(len(configs)), [None] * len(configs)
+
+    def build(i: int) -> None:
+        start.wait()
+        together[i] = _weights(Trainer(configs[i], images, progress=False).dpa)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(len(configs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for mine, expected in zip(together, alone):
+        assert mine.keys() == expected.keys() and all(torch.equal(mine[k], expected[k]) for k in expected)

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 import data_layer.preprocessing
 import flows.tuning
 from data_layer.manifest import read_manifest
-from flows.tuning import TuningParams, make_task_runner, tuning_pipeline
+from flows.tuning import TuningParams, tuning_pipeline
 from tasks.tuning import trial as trial_module
 from tasks.tuning.space import point_key
 from tests.tiny import TINY_OVERRIDES
@@ -226,9 +226,3 @@ def test_the_same_command_trains_registers_and_gates_the_best_config(resumed: Re
     assert (resolved["dpa"]["network"]["latent_dim"], resolved["dpa"]["train"]["lr"]) == (rung["latent_dim"], rung["lr"])
     assert (resolved["dpa"]["train"]["initial_res"] is not None) == best["point"]["progressive"]
 
-
-def test_cluster_runner_without_its_package_says_what_to_install() -> None:
-    with pytest.raises(RuntimeError, match="pip install prefect-dask"):
-        make_task_runner("dask", 2, "tcp://scheduler:8786")
-    with pytest.raises(ValueError, match="cluster_address is for task_runner 'dask' or 'ray'"):
-        make_task_runner("threads", 2, "tcp://scheduler:8786")
