@@ -33,7 +33,7 @@ from model.progressive import Stage, stage_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAX_LOSS = 1e6  # the reference stops training above this too
-_BUILD_LOCK = threading.Lock()
+_BUILD_LOCK = threading.RLock()
 """A trainer seeds torch's global RNG, then draws the network's initial weights (and random VGG
 weights) from it: trainers built at once in threads (parallel seeds, benchmark cells, trials)
 would interleave those draws, and the same seed would give another model."""
@@ -105,8 +105,9 @@ class Trainer:
         self.device = select_device(cfg.train.device)
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.images = images.to(self.device)
-        torch.manual_seed(cfg.train.seed)  # whatever draws from the global RNG starts the same every run
-        self.dpa = (dpa or seeded_dpa(cfg)).to(self.device, memory_format=self.memory_format)
+        with _BUILD_LOCK:  # another thread's seeding must not land in the middle of this build
+            torch.manual_seed(cfg.train.seed)  # whatever draws from the global RNG starts the same every run
+            self.dpa = (dpa or seeded_dpa(cfg)).to(self.device, memory_format=self.memory_format)
         self.stages = stage_schedule(cfg)
         self.total_iterations = sum(s.iters for s in self.stages)
         self.checkpoint_dir = checkpoint_dir
