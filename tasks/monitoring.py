@@ -49,9 +49,14 @@ ARTIFACT_KEY = "score-drift"
 log = logging.getLogger(__name__)
 
 
+class Unmonitorable(ValueError):
+    """A scores.csv whose batch cannot be compared with a registered version's reference."""
+
+
 class Batch(BaseModel):
     """What monitoring needs from a scores.csv: the scores and which version made them."""
 
+    scores_csv: str
     scores: list[float]
     model_uri: str
     model_name: str
@@ -74,19 +79,19 @@ def model_name(model_uri: str) -> str | None:
     return rest.partition("@")[0].partition("/")[0] if rest != model_uri else None
 
 
-def read_batch(scores_csv: str | Path) -> Batch | str:
-    """The batch in a scores.csv, or why it cannot be monitored."""
+def read_batch(scores_csv: str | Path) -> Batch:
+    """The batch in a scores.csv (`Unmonitorable` says why there is none)."""
     frame = pd.read_csv(scores_csv, dtype=str, keep_default_na=False)
     uris = sorted(set(frame.get(MODEL_URI, pd.Series(dtype=str))) - {""})
     if len(uris) != 1 or MODEL_VERSION not in frame:
-        return f"{scores_csv} names {len(uris)} model URIs; monitoring needs the one model version that scored it"
+        raise Unmonitorable(f"{scores_csv} names {len(uris)} model URIs; monitoring needs the one model version that scored it")
     name = model_name(uris[0])
     if name is None:
-        return f"{uris[0]} is not a registered model version (models:/name/N): monitoring runs are kept per registered model"
+        raise Unmonitorable(f"{uris[0]} is not a registered model version (models:/name/N): monitoring runs are kept per registered model")
     scored = frame[frame[ERROR] == ""]
     digests = sorted(d for d in frame[INPUT_DIGEST] if d)
     return Batch(
-        scores=scored[SCORE].astype(float).tolist(), model_uri=uris[0], model_name=name,
+        scores_csv=str(Path(scores_csv).resolve()), scores=scored[SCORE].astype(float).tolist(), model_uri=uris[0], model_name=name,
         model_version=frame[MODEL_VERSION].iloc[0], input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
     )
 
@@ -105,12 +110,10 @@ def monitor_batch(
     """Compare the batch in `scores_csv` with its version's reference normals, log the MLflow
     monitoring run and, when it drifted, send the Prefect event. `threshold`/`specificity` are
     those the batch was scored with."""
-    batch = read_batch(scores_csv)
-    if isinstance(batch, str):
-        return _skipped(batch)
     try:
+        batch = read_batch(scores_csv)
         reference = load_reference_scores(batch.model_uri)
-    except LegacyModelError as exc:
+    except (Unmonitorable, LegacyModelError) as exc:
         return _skipped(str(exc))
     report = drift_report(batch.scores, reference.scores, operating_threshold(reference, threshold, specificity), levels)
     run_id = log_monitoring_run(batch, report, reference)
@@ -136,7 +139,8 @@ def log_monitoring_run(batch: Batch, report: DriftReport, reference: ReferenceSc
     experiment = ensure_experiment(batch.model_name + MONITORING_SUFFIX)
     tags = {
         "model_name": batch.model_name, "model_version": batch.model_version, "model_uri": batch.model_uri,
-        "input_digest": batch.input_digest, "drift_verdict": report.verdict, "drifted": str(report.drifted),
+        "input_digest": batch.input_digest, "scores_csv": batch.scores_csv, "drift_verdict": report.verdict,
+        "drifted": str(report.drifted),
         **({"prefect_flow_run_id": flow_run.get_id()} if flow_run.get_id() else {}),
     }
     run = client.create_run(experiment, run_name=f"v{batch.model_version} {report.verdict} ({report.n} images)", tags=tags)

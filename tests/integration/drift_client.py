@@ -44,7 +44,7 @@ def phantoms(root: Path, n: int, **spec: float) -> Path:
 def main(root: Path) -> dict[str, str]:
     configure_tracking()
     mlflow.set_experiment(experiment_id=ensure_experiment("drift-loop-test"))
-    dpa = train_dpa(tiny_config(res=RES, stab_iters=30), blob_images(64, RES, seed=0), progress=False)
+    dpa = train_dpa(tiny_config(res=RES), blob_images(64, RES, seed=0), progress=False)
     reference = phantoms(root / "reference", 64, seed=0)
     images = [read_image(reference / p) for p in read_manifest(reference)[PATH]]
     normals = score_images(dpa, preprocess_images(images, PREPROCESS)).numpy()

@@ -177,6 +177,7 @@ def test_score_drift_starts_one_retraining_run_per_cooldown(
         assert [e["payload"]["input_digest"] for e in drift] == [digests["shifted-a"], digests["shifted-b"]]
         assert [e["id"] for e in drift] == [runs[digests[n]].data.tags["prefect_event_id"] for n in ("shifted-a", "shifted-b")]
         assert drift[0]["resource"]["dpa.model.version"] == "1" and drift[0]["payload"]["drifted"] is True
+        assert {"monitoring-run", "flow-run"} <= {r["prefect.resource.role"] for r in drift[0]["related"]}
         assert drift[0]["payload"]["ks_pvalue"] == runs[digests["shifted-a"]].data.metrics["ks_pvalue"]
         artifacts = prefect_server.api("POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["score-drift"]}}})
         assert len(artifacts) == 3 and sum("drifted" in a["description"] for a in artifacts) == 2

@@ -32,9 +32,11 @@ def score(model_uri: str, image_set: ImageSet, out: Path, *options: str) -> str:
     return result.output
 
 
-def monitoring_runs(model_name: str) -> list:
+def monitoring_runs(model_name: str, out: Path | None = None) -> list:
+    """The monitoring runs of a model (of one output folder, with `out`): other tests score the champion too."""
     experiment = MlflowClient().get_experiment_by_name(model_name + MONITORING_SUFFIX)
-    return [] if experiment is None else MlflowClient().search_runs([experiment.experiment_id])
+    where = f"tags.scores_csv = '{(out / 'scores.csv').resolve()}'" if out else ""
+    return [] if experiment is None else MlflowClient().search_runs([experiment.experiment_id], where)
 
 
 def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path) -> None:
@@ -42,7 +44,7 @@ def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, imag
     (at alpha 0.05: 8 images against 32 reference normals is little evidence)."""
     output = score(champion.champion_uri, image_set, tmp_path / "a", "--drift-min-batch", "8", "--drift-alpha", "0.05")
     assert "score drift: drifted" in output, output
-    (run,) = monitoring_runs(champion.name)
+    (run,) = monitoring_runs(champion.name, tmp_path / "a")
     scores = pd.read_csv(tmp_path / "a" / "scores.csv", dtype=str)
     assert run.data.tags["model_version"] == champion.version
     assert run.data.tags["model_uri"] == f"models:/{champion.name}/{champion.version}"
@@ -55,8 +57,12 @@ def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, imag
 
     # The default minimum batch is larger than these 8 images: no verdict, and no event either way.
     assert monitor_batch(tmp_path / "a" / "scores.csv", DriftLevels()).report.verdict == TOO_FEW
+    # Scores of a model outside the registry have no `<name>-monitoring` to go to.
+    scores.assign(model_uri="runs:/0123/model").to_csv(tmp_path / "unregistered.csv", index=False)
+    skipped = monitor_batch(tmp_path / "unregistered.csv")
+    assert skipped.report is None and "SKIPPED: runs:/0123/model is not a registered model version" in skipped.note
     score(champion.champion_uri, image_set, tmp_path / "b", "--no-monitor")
-    assert len(monitoring_runs(champion.name)) == 2
+    assert monitoring_runs(champion.name, tmp_path / "b") == []
 
 
 def test_a_version_without_reference_scores_is_scored_but_not_monitored(
