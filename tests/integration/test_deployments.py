@@ -172,7 +172,8 @@ def test_score_drift_starts_one_retraining_run_per_cooldown(
         assert "prefect_event_id" not in runs[digests["in-distribution"]].data.tags
 
         # Prefect: the two drift events (none for the in-distribution batch), with the statistics.
-        drift = sorted(wait_for("two drift events", lambda: len(found := events(DRIFT_EVENT)) >= 2 and found),
+        ours = {"resource": {"id": [f"dpa.model.{MODEL_NAME}"]}}  # other tests' models drift too
+        drift = sorted(wait_for("two drift events", lambda: len(found := events(DRIFT_EVENT, **ours)) >= 2 and found),
                        key=lambda e: e["occurred"])
         assert [e["payload"]["input_digest"] for e in drift] == [digests["shifted-a"], digests["shifted-b"]]
         assert [e["id"] for e in drift] == [runs[digests[n]].data.tags["prefect_event_id"] for n in ("shifted-a", "shifted-b")]
