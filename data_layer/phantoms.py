@@ -10,12 +10,16 @@ Anomalies are density changes inside a lung: `nodule`, `consolidation`, `effusio
 `pneumothorax`. `difficulty` in [0, 1] shrinks their contrast and size: 0 is obvious,
 1 is barely visible under the texture and noise. Every patient draws from its own seeded
 generator, so the same spec gives byte-identical PNGs and manifest (and the same DVC hash).
+
+`contrast_scale` and `noise_scale` simulate another acquisition (scanner, protocol): they scale
+every patient's contrast and noise after the patient is drawn, so the same seed gives the same
+patients imaged differently (a shifted batch for drift checks); at 1.0 nothing changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +63,8 @@ class PhantomSpec(BaseModel):
     difficulty: float = Field(0.5, ge=0.0, le=1.0)
     anomaly_types: tuple[str, ...] = ANOMALY_TYPES
     max_images_per_patient: int = Field(3, ge=1)
+    contrast_scale: float = Field(1.0, gt=0.0)
+    noise_scale: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="after")
     def _known_anomaly_types(self) -> PhantomSpec:
@@ -111,7 +117,7 @@ def _render_bucket(
         rng = np.random.default_rng([spec.seed, *bucket, patient_index])
         group = f"{split}-{label}-{patient_index:05d}"
         anomaly = spec.anomaly_types[patient_index % len(spec.anomaly_types)] if bucket[1] else ""
-        patient = _Patient.draw(rng)
+        patient = _acquired(_Patient.draw(rng), spec)
         lesion = _Lesion.draw(rng, patient, anomaly, spec.difficulty) if anomaly else None
         n_images = min(int(rng.integers(1, spec.max_images_per_patient + 1)), count - made)
         for image_index in range(n_images):
@@ -126,6 +132,11 @@ def _render_bucket(
             yield row, image
         made += n_images
         patient_index += 1
+
+
+def _acquired(patient: _Patient, spec: PhantomSpec) -> _Patient:
+    """The patient as another acquisition images it (x * 1.0 is exact: the defaults change no byte)."""
+    return replace(patient, contrast=patient.contrast * spec.contrast_scale, noise=patient.noise * spec.noise_scale)
 
 
 @dataclass(frozen=True)

@@ -177,15 +177,29 @@ def score(
     chunk_size: Annotated[int, typer.Option(min=1, help="images scored (and saved) together")] = 64,
     threshold: Annotated[Optional[float], typer.Option(help="anomaly if score > this (instead of the registered threshold)")] = None,
     specificity: Annotated[Optional[float], typer.Option(help="threshold = this quantile of the version's normal reference scores, e.g. 0.99")] = None,
+    monitor: Annotated[bool, typer.Option(help="check the batch for score drift: MLflow <model>-monitoring run; with PREFECT_API_URL, the dpa.scores.drifted event")] = True,
+    drift_alpha: Annotated[Optional[float], typer.Option(help="false-alarm rate of the drift check (default 0.01)")] = None,
+    drift_min_batch: Annotated[Optional[int], typer.Option(help="fewer scored images: no drift verdict (default 30)")] = None,
 ) -> None:
     """Score images with a registered model (by default the champion). Crash-safe: rerun the same
     command after a crash or a stop to score only what is missing."""
+    from pydantic import ValidationError
+
+    from tasks.drift import DriftLevels
+    from tasks.monitoring import monitor_batch
     from tasks.scoring import score_inputs
     from tasks.tracking import configure_tracking
 
+    try:
+        levels = DriftLevels.model_validate({k: v for k, v in {"alpha": drift_alpha, "min_batch": drift_min_batch}.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
     configure_tracking()
     with exit_code_on_signal():
-        typer.echo(f"wrote {score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold=threshold, specificity=specificity)}")
+        csv = score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold=threshold, specificity=specificity)
+    typer.echo(f"wrote {csv}")
+    if monitor:
+        typer.echo(monitor_batch(csv, levels, threshold, specificity).note)
 
 
 @app.command()

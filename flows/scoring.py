@@ -1,10 +1,13 @@
 """Batch scoring (DESIGN.md §4): load a registered DPA (by default the champion), score a folder,
-a dataset or a DICOM directory, write scores.csv and heat maps, publish a summary in the Prefect UI."""
+a dataset or a DICOM directory, write scores.csv and heat maps, publish a summary in the Prefect UI,
+then check the batch for score drift (tasks.monitoring)."""
 
 from __future__ import annotations
 
 from prefect import flow
 
+from tasks.drift import DriftLevels
+from tasks.monitoring import monitor_scores_task
 from tasks.scoring import publish_scoring_summary, score_inputs_task
 
 DEFAULT_MODEL_URI = "models:/dpa-phantoms@champion"
@@ -15,12 +18,18 @@ DEFAULT_MODEL_URI = "models:/dpa-phantoms@champion"
 def batch_scoring(
     input: str, out: str, model_uri: str = DEFAULT_MODEL_URI, heatmaps: bool = True,
     threshold: float | None = None, specificity: float | None = None,
+    monitor: bool = True, drift: DriftLevels = DriftLevels(),
 ) -> str:
     """Score every image under `input` (folder, dataset dir with manifest.csv, or DICOM dir) with
     `model_uri`; write `out/scores.csv` and, with `heatmaps`, `out/heatmaps/`. Returns the CSV path.
     `threshold` (a score) or `specificity` (a quantile of the version's reference normal scores)
-    replace the registered threshold, as the serving params do."""
+    replace the registered threshold, as the serving params do. With `monitor`, the batch's scores
+    are compared with the version's reference normals (levels: `drift`), logged to the MLflow
+    experiment `<model name>-monitoring`, and a drifted batch sends the Prefect event
+    `dpa.scores.drifted` that triggers retraining."""
     scores_csv = score_inputs_task(model_uri, input, out, heatmaps, threshold, specificity)
     for row in publish_scoring_summary(scores_csv, model_uri):
         print(f"{row['metric']}: {row['value']}")
+    if monitor:
+        print(monitor_scores_task(scores_csv, drift, threshold, specificity).note)
     return str(scores_csv)

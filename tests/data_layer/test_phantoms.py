@@ -1,4 +1,4 @@
-"""Synthetic chest X-ray phantoms: determinism, manifest shape, anomalies and the difficulty knob."""
+"""Synthetic chest X-ray phantoms: determinism, manifest shape, anomalies, the difficulty knob and the acquisition shift."""
 
 from __future__ import annotations
 
@@ -129,3 +129,16 @@ def test_hard_setting_defeats_a_pixel_space_reconstruction_baseline():
     }
     assert auroc[0.0] > 0.8 and auroc[1.0] < 0.65, auroc
 
+
+
+def test_another_acquisition_images_the_same_patients_with_less_contrast_and_more_noise(tmp_path):
+    spec = SMALL.model_copy(update={"n_train_normal": 8, "n_val_normal": 0, "n_test_normal": 0, "n_val_abnormal": 0,
+                                    "n_test_abnormal": 0})
+    base = generate_phantoms(tmp_path / "base", spec)
+    assert digest(generate_phantoms(tmp_path / "ones", spec.model_copy(update={"contrast_scale": 1.0, "noise_scale": 1.0}))) == digest(base)
+    shifted = generate_phantoms(tmp_path / "shifted", spec.model_copy(update={"contrast_scale": 0.6, "noise_scale": 3.0}))
+    assert (read_manifest(shifted) == read_manifest(base)).all().all()
+    pixels = [np.stack([np.asarray(Image.open(root / p), dtype=float) for p in read_manifest(root).path]) for root in (base, shifted)]
+    assert pixels[1].std(axis=(1, 2)).mean() < pixels[0].std(axis=(1, 2)).mean()  # flatter images
+    noise = [np.abs(np.diff(images, axis=2)).mean() for images in pixels]  # pixel-to-pixel jitter
+    assert noise[1] > noise[0]

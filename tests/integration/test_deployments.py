@@ -1,21 +1,30 @@
 """prefect.yaml against a real Prefect server on PostgreSQL: `prefect deploy --all` creates the four
-deployments as documented, and a UI-style run of `train-on-demand` is picked up by a real process
-worker, trains, and registers a model version in MLflow."""
+deployments as documented, a UI-style run of `train-on-demand` is picked up by a real process
+worker, trains, and registers a model version in MLflow, and score drift seen by batch scoring
+starts one retraining run per cooldown through the deployment trigger."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tasks.monitoring import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
 from tests.tiny import tiny_training
-from tests.integration.conftest import BIN, REPO, PrefectServer
+from tests.integration.conftest import BIN, REPO, PrefectServer, run_command
+from tests.integration.drift_client import MODEL_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +121,81 @@ def test_train_on_demand_runs_on_a_process_worker(
     )
     assert len(versions) == 1
     assert (project / "data.dvc").is_file()  # the imported dataset became the versioned data/
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90) -> Any:
+    """Poll `probe` until it returns something truthy (the server works asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not (found := probe()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.5)
+    return found
+
+
+def test_score_drift_starts_one_retraining_run_per_cooldown(
+    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
+) -> None:
+    """A scoring process (tests/integration/drift_client.py) runs the batch-scoring flow against this
+    server on an in-distribution batch and on two batches from a shifted acquisition. The two drift
+    events arrive within the trigger's 24 h cooldown: exactly one retraining run. A third drift event
+    dated after the cooldown starts a second one, which also shows the second event was seen and
+    dropped, not lost. The runs are only created (asserted through the API), not executed: they would
+    retrain the demo preset on the project's DVC data, which the worker test above covers."""
+    retraining = deployments["scheduled-retraining"]
+    (automation,) = [a for a in prefect_server.api("POST", "/automations/filter", {}) if a["name"] == "retrain-on-score-drift"]
+    trigger = automation["trigger"]
+    assert (trigger["posture"], trigger["threshold"], trigger["within"]) == ("Reactive", 1, 86400.0)
+    assert trigger["match"] == {"prefect.resource.id": f"dpa.model.{MODEL_NAME}"} and trigger["expect"] == [DRIFT_EVENT]
+    assert [(a["type"], a["deployment_id"]) for a in automation["actions"]] == [("run-deployment", retraining["id"])]
+
+    def retraining_runs() -> list[dict]:
+        return prefect_server.api("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [retraining["id"]]}}})
+
+    def events(name: str, **criteria: Any) -> list[dict]:
+        page = prefect_server.api("POST", "/events/filter", {"filter": {"event": {"name": [name]}, **criteria}, "limit": 50})
+        return page["events"]
+
+    assert retraining_runs() == []
+    try:
+        run_command([sys.executable, "-m", "tests.integration.drift_client", str(tmp_path)],
+                    {**os.environ, **prefect_server.env}, timeout=600)
+        batches = json.loads((tmp_path / "batches.json").read_text())
+        digests = {name: read_batch(csv).input_digest for name, csv in batches.items()}
+
+        # MLflow: one monitoring run per batch; the shifted ones drifted and name their event.
+        client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name(MODEL_NAME + MONITORING_SUFFIX)
+        runs = {r.data.tags["input_digest"]: r for r in client.search_runs([experiment.experiment_id])}
+        assert set(runs) == set(digests.values())
+        verdicts = {name: runs[digest].data.tags["drift_verdict"] for name, digest in digests.items()}
+        assert verdicts == {"in-distribution": "in distribution", "shifted-a": "drifted", "shifted-b": "drifted"}
+        assert "prefect_event_id" not in runs[digests["in-distribution"]].data.tags
+
+        # Prefect: the two drift events (none for the in-distribution batch), with the statistics.
+        ours = {"resource": {"id": [f"dpa.model.{MODEL_NAME}"]}}  # other tests' models drift too
+        drift = sorted(wait_for("two drift events", lambda: len(found := events(DRIFT_EVENT, **ours)) >= 2 and found),
+                       key=lambda e: e["occurred"])
+        assert [e["payload"]["input_digest"] for e in drift] == [digests["shifted-a"], digests["shifted-b"]]
+        assert [e["id"] for e in drift] == [runs[digests[n]].data.tags["prefect_event_id"] for n in ("shifted-a", "shifted-b")]
+        assert drift[0]["resource"]["dpa.model.version"] == "1" and drift[0]["payload"]["drifted"] is True
+        assert {"monitoring-run", "flow-run"} <= {r["prefect.resource.role"] for r in drift[0]["related"]}
+        assert drift[0]["payload"]["ks_pvalue"] == runs[digests["shifted-a"]].data.metrics["ks_pvalue"]
+        artifacts = prefect_server.api("POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["score-drift"]}}})
+        assert len(artifacts) == 3 and sum("drifted" in a["description"] for a in artifacts) == 2
+
+        first = wait_for("the retraining run", retraining_runs)
+        assert len(first) == 1 and first[0]["parameters"] == retraining["parameters"]
+
+        # After the cooldown (an event dated past it): a second retraining, fired by that event.
+        late = {"id": str(uuid.uuid4()), "event": DRIFT_EVENT, "resource": drift[0]["resource"],
+                "occurred": (datetime.fromisoformat(drift[0]["occurred"]) + timedelta(days=1, minutes=1)).isoformat()}
+        httpx.post(f"{prefect_server.api_url}/events", json=[late], timeout=30).raise_for_status()
+        wait_for("a second retraining run", lambda: len(retraining_runs()) == 2)
+        fired = wait_for("two automation firings", lambda: len(found := events(
+            "prefect.automation.triggered", resource={"id": [f"prefect.automation.{automation['id']}"]})) == 2 and found)
+        causes = {r["prefect.resource.id"] for e in fired for r in e["related"] if r["prefect.resource.role"] == "triggering-event"}
+        assert causes == {f"prefect.event.{drift[0]['id']}", f"prefect.event.{late['id']}"}
+        assert len(retraining_runs()) == 2
+    finally:
+        for run in retraining_runs():  # so no worker of a later test picks them up
+            httpx.delete(f"{prefect_server.api_url}/flow_runs/{run['id']}", timeout=30).raise_for_status()

@@ -1,0 +1,197 @@
+"""Score-drift monitoring of a scored batch: compare (`tasks.drift`), record (MLflow), tell Prefect.
+
+Every monitored batch is one MLflow run in the experiment `<model name>-monitoring`, tagged with the
+model version, its URI and the batch's input digest (sha256 over the sorted per-file digests of
+scores.csv: the same files give the same digest whatever their names or order); the statistics are
+its metrics, the full report its `drift_report.json`. A drifted batch also sends the Prefect event
+`dpa.scores.drifted` (resource `dpa.model.<name>`, label `dpa.model.version`, payload: the report,
+the version, the digest and the MLflow run), which the retraining deployment in prefect.yaml
+triggers on, with a cooldown (docs/deployments.md).
+
+Outside a flow run the event is sent only when a Prefect server is configured (PREFECT_API_URL):
+without one there is nobody to tell, and starting a temporary server for one event would only
+slow `dpa score` down. A version without stored reference scores (logged before thresholds at
+inference) or a model outside the registry cannot be monitored: that is said in a warning and the
+batch is left unmonitored; scoring itself is not affected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
+from pydantic import BaseModel
+
+from tasks.drift import DriftLevels, DriftReport, drift_report
+from tasks.metrics import VAL_NORMALS
+from tasks.mlflow_model import SCORE, LegacyModelError, ReferenceScores, load_reference_scores
+from tasks.score_journal import INPUT_DIGEST, MODEL_URI, MODEL_VERSION
+from tasks.scoring import ERROR
+from tasks.tracking import ensure_experiment
+
+MONITORING_SUFFIX = "-monitoring"
+DRIFT_EVENT = "dpa.scores.drifted"
+REPORT_FILE = "drift_report.json"
+ARTIFACT_KEY = "score-drift"
+
+log = logging.getLogger(__name__)
+
+
+class Unmonitorable(ValueError):
+    """A scores.csv whose batch cannot be compared with a registered version's reference."""
+
+
+class Batch(BaseModel):
+    """What monitoring needs from a scores.csv: the scores and which version made them."""
+
+    scores_csv: str
+    scores: list[float]
+    model_uri: str
+    model_name: str
+    model_version: str
+    input_digest: str
+
+
+class Monitoring(BaseModel):
+    """The outcome for one batch: `note` says it in one line (the verdict, or why it was skipped)."""
+
+    note: str
+    report: DriftReport | None = None
+    run_id: str | None = None
+    event_id: str | None = None
+
+
+def model_name(model_uri: str) -> str | None:
+    """`models:/name/3` (or `@alias`) → name; None for a model outside the registry."""
+    rest = model_uri.removeprefix("models:/")
+    return rest.partition("@")[0].partition("/")[0] if rest != model_uri else None
+
+
+def read_batch(scores_csv: str | Path) -> Batch:
+    """The batch in a scores.csv (`Unmonitorable` says why there is none)."""
+    frame = pd.read_csv(scores_csv, dtype=str, keep_default_na=False)
+    uris = sorted(set(frame.get(MODEL_URI, pd.Series(dtype=str))) - {""})
+    if len(uris) != 1 or MODEL_VERSION not in frame:
+        raise Unmonitorable(f"{scores_csv} names {len(uris)} model URIs; monitoring needs the one model version that scored it")
+    name = model_name(uris[0])
+    if name is None:
+        raise Unmonitorable(f"{uris[0]} is not a registered model version (models:/name/N): monitoring runs are kept per registered model")
+    scored = frame[frame[ERROR] == ""]
+    digests = sorted(d for d in frame[INPUT_DIGEST] if d)
+    return Batch(
+        scores_csv=str(Path(scores_csv).resolve()), scores=scored[SCORE].astype(float).tolist(), model_uri=uris[0], model_name=name,
+        model_version=frame[MODEL_VERSION].iloc[0], input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+    )
+
+
+def operating_threshold(reference: ReferenceScores, threshold: float | None, specificity: float | None) -> float:
+    """The threshold the batch was scored with: given, at a given specificity, or the registered one
+    (the reference's own quantile), as `DPAPyfuncModel.operating_threshold` chooses it."""
+    if threshold is not None:
+        return float(threshold)
+    return reference.threshold_at(reference.quantile if specificity is None else specificity)
+
+
+def monitor_batch(
+    scores_csv: str | Path, levels: DriftLevels | None = None, threshold: float | None = None, specificity: float | None = None,
+) -> Monitoring:
+    """Compare the batch in `scores_csv` with its version's reference normals, log the MLflow
+    monitoring run and, when it drifted, send the Prefect event. `threshold`/`specificity` are
+    those the batch was scored with."""
+    try:
+        batch = read_batch(scores_csv)
+        reference = load_reference_scores(batch.model_uri)
+    except (Unmonitorable, LegacyModelError) as exc:
+        return _skipped(str(exc))
+    report = drift_report(batch.scores, reference.scores, operating_threshold(reference, threshold, specificity), levels)
+    run_id = log_monitoring_run(batch, report, reference)
+    event_id = emit_drift_event(batch, report, run_id) if report.drifted else None
+    if event_id:
+        MlflowClient().set_tag(run_id, "prefect_event_id", event_id)
+    note = report.summary()
+    if reference.source != VAL_NORMALS:
+        note += f"; CAUTION: the reference is {reference.source}, which the model has seen: new normals score higher, so drift is over-reported"
+        log.warning(note)
+    return Monitoring(note=note, report=report, run_id=run_id, event_id=event_id)
+
+
+def _skipped(reason: str) -> Monitoring:
+    note = f"score-drift monitoring SKIPPED: {reason}"
+    log.warning(note)
+    return Monitoring(note=note)
+
+
+def log_monitoring_run(batch: Batch, report: DriftReport, reference: ReferenceScores) -> str:
+    """One finished run in `<model name>-monitoring`; its id."""
+    client = MlflowClient()
+    experiment = ensure_experiment(batch.model_name + MONITORING_SUFFIX)
+    tags = {
+        "model_name": batch.model_name, "model_version": batch.model_version, "model_uri": batch.model_uri,
+        "input_digest": batch.input_digest, "scores_csv": batch.scores_csv, "drift_verdict": report.verdict,
+        "drifted": str(report.drifted),
+        **({"prefect_flow_run_id": flow_run.get_id()} if flow_run.get_id() else {}),
+    }
+    run = client.create_run(experiment, run_name=f"v{batch.model_version} {report.verdict} ({report.n} images)", tags=tags)
+    now = mlflow.utils.time.get_current_time_millis()
+    numbers = report.model_dump(include={"n", "n_reference", "threshold", "expected_above", "observed_above",
+                                         "ks_statistic", "ks_pvalue", "exceedance_pvalue"})
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in numbers.items() if value is not None]
+        + [Metric("drifted", float(report.drifted), now, 0)],
+        params=[Param("drift_alpha", str(report.alpha)), Param("drift_min_batch", str(report.min_batch)),
+                Param("reference_source", reference.source), Param("threshold_rule", reference.rule)],
+    )
+    client.log_text(run.info.run_id, report.model_dump_json(indent=2), REPORT_FILE)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def emit_drift_event(batch: Batch, report: DriftReport, run_id: str) -> str | None:
+    """Send `dpa.scores.drifted` for this version; its id, or None when there is no Prefect API to send it to."""
+    if FlowRunContext.get() is None and PREFECT_API_URL.value() is None:
+        log.warning("%s not sent: no Prefect server configured (PREFECT_API_URL), so no retraining trigger can see it", DRIFT_EVENT)
+        return None
+    event = emit_event(
+        DRIFT_EVENT,
+        resource={"prefect.resource.id": f"dpa.model.{batch.model_name}", "prefect.resource.name": batch.model_name,
+                  "dpa.model.version": batch.model_version},
+        related=[{"prefect.resource.id": f"mlflow.run.{run_id}", "prefect.resource.role": "monitoring-run"}],
+        payload={**report.model_dump(), "model_uri": batch.model_uri, "input_digest": batch.input_digest,
+                 "monitoring_run_id": run_id},
+    )
+    return str(event.id) if event else None
+
+
+def report_markdown(scores_csv: str | Path, result: Monitoring) -> str:
+    """The artifact a person reads in the Prefect UI."""
+    lines = [f"## Score drift of `{scores_csv}`", "", result.note, ""]
+    if result.report is not None:
+        lines += ["| statistic | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in result.report.model_dump().items()]
+        lines += ["", f"MLflow monitoring run: `{result.run_id}`"]
+        if result.event_id:
+            lines.append(f"Prefect event `{DRIFT_EVENT}`: `{result.event_id}`")
+    return "\n".join(lines)
+
+
+@task(name="monitor-score-drift", cache_policy=NO_CACHE)
+def monitor_scores_task(
+    scores_csv: Path, levels: DriftLevels, threshold: float | None = None, specificity: float | None = None,
+) -> Monitoring:
+    """`monitor_batch`, published as the `score-drift` markdown artifact."""
+    result = monitor_batch(scores_csv, levels, threshold, specificity)
+    create_markdown_artifact(report_markdown(scores_csv, result), key=ARTIFACT_KEY, description=result.note)
+    return result

@@ -1,0 +1,82 @@
+"""`dpa score` checks each batch for score drift (tasks.monitoring): one MLflow run per batch in
+`<model>-monitoring`, tagged with the version and the batch's input digest; no event without a
+Prefect server; `--no-monitor` turns it off; a version without reference scores is scored but not
+monitored, and says so. The drift → event → retraining loop itself is in
+tests/integration/test_deployments.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.drift import TOO_FEW, DriftLevels
+from tasks.mlflow_model import SERVING_CONFIG, WEIGHTS, DPAPyfuncModel
+from tasks.monitoring import MONITORING_SUFFIX, REPORT_FILE, monitor_batch
+from tests.pipeline.conftest import ImageSet, RegisteredDPA
+
+
+def score(model_uri: str, image_set: ImageSet, out: Path, *options: str) -> str:
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no Prefect server, as on a laptop
+        result = CliRunner().invoke(app, ["score", "--model", model_uri, "--input", str(image_set.root),
+                                          "--out", str(out), "--no-heatmaps", *options])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def monitoring_runs(model_name: str, out: Path | None = None) -> list:
+    """The monitoring runs of a model (of one output folder, with `out`): other tests score the champion too."""
+    experiment = MlflowClient().get_experiment_by_name(model_name + MONITORING_SUFFIX)
+    where = f"tags.scores_csv = '{(out / 'scores.csv').resolve()}'" if out else ""
+    return [] if experiment is None else MlflowClient().search_runs([experiment.experiment_id], where)
+
+
+def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path) -> None:
+    """Half the batch is anomalous (striped squares) against normal-only reference scores: drifted
+    (at alpha 0.05: 8 images against 32 reference normals is little evidence)."""
+    output = score(champion.champion_uri, image_set, tmp_path / "a", "--drift-min-batch", "8", "--drift-alpha", "0.05")
+    assert "score drift: drifted" in output, output
+    (run,) = monitoring_runs(champion.name, tmp_path / "a")
+    scores = pd.read_csv(tmp_path / "a" / "scores.csv", dtype=str)
+    assert run.data.tags["model_version"] == champion.version
+    assert run.data.tags["model_uri"] == f"models:/{champion.name}/{champion.version}"
+    assert run.data.tags["input_digest"] == hashlib.sha256("\n".join(sorted(scores["input_digest"])).encode()).hexdigest()
+    assert run.data.tags["drifted"] == "True" and "prefect_event_id" not in run.data.tags  # nobody to tell
+    assert run.data.params["drift_min_batch"] == "8" and run.data.params["drift_alpha"] == "0.05" and run.data.metrics["n"] == len(image_set.files)
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=REPORT_FILE)).read_text())
+    assert report["drifted"] and report["ks_pvalue"] == run.data.metrics["ks_pvalue"]
+    assert report["n_reference"] == len(champion.normal_scores)
+
+    # The default minimum batch is larger than these 8 images: no verdict, and no event either way.
+    assert monitor_batch(tmp_path / "a" / "scores.csv", DriftLevels()).report.verdict == TOO_FEW
+    # Scores of a model outside the registry have no `<name>-monitoring` to go to.
+    scores.assign(model_uri="runs:/0123/model").to_csv(tmp_path / "unregistered.csv", index=False)
+    skipped = monitor_batch(tmp_path / "unregistered.csv")
+    assert skipped.report is None and "SKIPPED: runs:/0123/model is not a registered model version" in skipped.note
+    score(champion.champion_uri, image_set, tmp_path / "b", "--no-monitor")
+    assert monitoring_runs(champion.name, tmp_path / "b") == []
+
+
+def test_a_version_without_reference_scores_is_scored_but_not_monitored(
+    champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path
+) -> None:
+    """A version logged before thresholds at inference (pickled, no reference_scores.json)."""
+    source = Path(mlflow.artifacts.download_artifacts(champion.champion_uri)) / "artifacts"
+    name = f"dpa-legacy-{uuid.uuid4().hex[:8]}"
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(
+            name="model", python_model=DPAPyfuncModel(), registered_model_name=name, pip_requirements=[],
+            artifacts={WEIGHTS: str(source / "dpa.pt"), SERVING_CONFIG: str(source / "serving_config.json")},
+        )
+    output = score(f"models:/{name}/1", image_set, tmp_path / "legacy", "--drift-min-batch", "8")
+    assert "score-drift monitoring SKIPPED" in output and "no reference_scores.json" in output, output
+    assert len(pd.read_csv(tmp_path / "legacy" / "scores.csv")) == len(image_set.files)
+    assert monitoring_runs(name) == []
