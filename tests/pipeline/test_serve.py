@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import urllib.error
@@ -178,6 +179,24 @@ def test_fuzzed_malformed_requests_answer_4xx_and_the_server_keeps_serving(
     status, body = invoke(url, images_payload([b64(data) for data in files]))
     assert status == 200, body
     np.testing.assert_allclose([r["anomaly_score"] for r in body["predictions"]], image_set.expected_scores(champion.dpa), rtol=1e-5)
+
+
+@pytest.mark.integration
+def test_the_load_benchmark_reports_figures_and_fails_on_errors(servers) -> None:
+    """benchmarks/serve_load.py against the running server, with a tiny load; batches over the
+    server's row limit make every request fail, and the script exit 1."""
+    server = servers[0]
+    command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--url", server.url,
+               "--server-pid", str(server.process.pid), "--clients", "3", "--image-size", "32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([*command, "--requests", "12", "--batch-sizes", "1", "4"], capture_output=True, text=True, timeout=120, env=env)
+    too_big = subprocess.run([*command, "--requests", "2", "--batch-sizes", str(MAX_ROWS + 1)], capture_output=True, text=True,
+                             timeout=120, env=env)
+    rows = {fields[0]: fields[1:3] for fields in map(str.split, ok.stdout.splitlines()) if fields[:1] in (["1"], ["4"])}
+    assert ok.returncode == 0 and rows == {"1": ["6", "0"], "4": ["6", "0"]}, ok.stdout + ok.stderr
+    assert "MiB after the load" in ok.stdout and ok.stdout.rstrip().endswith("OK: no errors, memory within the bound")
+    assert too_big.returncode == 1 and "answered 400; first: " in too_big.stdout, too_big.stdout + too_big.stderr
+    assert too_big.stdout.rstrip().endswith("FAIL: 2 failed requests")
 
 
 def _answered_4xx(url: str, kind: str, server_only: tuple[str, ...]) -> Callable[[bytes], None]:
