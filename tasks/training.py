@@ -23,5 +23,7 @@ def train(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path, run_id: st
     """
     with stop_on_signal():
         trainer = Trainer(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
+        if trainer.iteration:
+            print(f"resuming from {trainer.checkpoint_path} at iteration {trainer.iteration}/{trainer.total_iterations}")
         trainer.callbacks.append(checkpoint_on_stop(trainer))
         return trainer.fit()
