@@ -1,5 +1,5 @@
-"""`dpa up` / `dpa down` with real processes: the stack comes up on PostgreSQL with its deployments,
-its crashed-run automation and a worker, a second `dpa up` is refused while it runs, and `dpa down` leaves no process behind."""
+"""`dpa up` / `dpa down` with real processes: the stack comes up on PostgreSQL with its deployments and
+a worker, a second `dpa up` is refused while it runs, and `dpa down` leaves no process behind."""
 
 from __future__ import annotations
 
