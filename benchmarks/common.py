@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from data_layer.preprocessing import PreprocessConfig
 from model.config import DPAConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -35,6 +36,14 @@ def preset_dpa_config(name: str, stage: str = "stab", layer: str | None = None, 
         schedule = {"initial_res": max_res // 2, "stab_iters": 0, "trns_iters": iters, "iters_per_res": {}}
     doc["train"] = {**doc.get("train", {}), **schedule, **train_overrides}
     return DPAConfig.model_validate(doc)
+
+
+def preset_serving_config(name: str) -> tuple[DPAConfig, PreprocessConfig]:
+    """The preset's DPA (all resolutions, its loss layers) and preprocessing, with seeded random VGG
+    weights: what a registered model of the preset serves, offline (speed does not depend on weights)."""
+    doc = _preset(name)
+    dpa = {**doc["dpa"], "loss": {**doc["dpa"]["loss"], "vgg_weights": "random"}}
+    return DPAConfig.model_validate(dpa), PreprocessConfig.model_validate(doc["preprocess"])
 
 
 def stored_res(name: str) -> int:

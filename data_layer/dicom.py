@@ -73,6 +73,8 @@ def _check_decodable(path: Path, dataset: pydicom.Dataset, max_pixels: int) -> N
 def _monochrome_to_uint8(dataset: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
     values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
     low, high = sorted(_display_range(dataset))
+    if not (np.isfinite(values).all() and np.isfinite([low, high]).all()):
+        raise ValueError("the header's rescale or window values give NaN or infinite pixel values")
     image = scale_to_uint8(values, low, high)
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         image = 255 - image

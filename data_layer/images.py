@@ -11,8 +11,11 @@ quirk is handled in exactly one place. Rules for data that are not 8-bit already
   `data_layer.dicom`.
 
 Every failure raises `ImageReadError` naming the file: nothing is skipped or half-decoded (PIL's
-LOAD_TRUNCATED_IMAGES is never used), and images above `max_pixels` are refused from their header,
-before their pixels are decoded (decompression-bomb guard).
+LOAD_TRUNCATED_IMAGES is never used), and images above `max_pixels` (or with no pixels) are refused
+from their header, before their pixels are decoded (decompression-bomb guard). Served images are
+untrusted bytes: Pillow and pydicom answer malformed headers with many exception types (a missing
+DICOM attribute is an AttributeError, an unknown transfer syntax a NotImplementedError), and each
+becomes an `ImageReadError`.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def decoding(path: Path, *extra_errors: type[BaseException]) -> Iterator[None]:
     except ImageReadError:
         raise
     except (
-        OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-        Image.DecompressionBombError, *extra_errors,
+        OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+        AttributeError, KeyError, IndexError, TypeError, NotImplementedError, ArithmeticError, *extra_errors,
     ) as exc:
         raise ImageReadError(
             f"{path}: cannot decode ({type(exc).__name__}: {exc}). The file is corrupt, truncated "
@@ -93,6 +96,8 @@ def decoding(path: Path, *extra_errors: type[BaseException]) -> Iterator[None]:
 
 def check_pixel_count(path: Path, width: int, height: int, max_pixels: int) -> None:
     """Refuse an image from its header size, before its pixels are decoded."""
+    if width * height == 0:
+        raise ImageReadError(f"{path}: {width}x{height}: the image has no pixels. Re-export it or remove it.")
     if width * height > max_pixels:
         raise ImageReadError(
             f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
@@ -156,6 +161,8 @@ def _read_npy(path: Path, max_pixels: int) -> Image.Image:
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     if array.ndim < 2:
         raise ValueError(f"expected an HxW, HxWx1 or HxWx3 array, got shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"expected an array of real numbers (bool, int or float), got dtype {array.dtype}")
     check_pixel_count(path, array.shape[1], array.shape[0], max_pixels)
     return array_to_image(np.array(array))
 

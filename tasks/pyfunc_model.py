@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -51,6 +52,9 @@ HEATMAP_SATURATION = 2.0
 """Heat-map grey 255 stands for this multiple of the threshold (and above)."""
 
 SCORE, IS_ANOMALY, THRESHOLD, HEATMAP, SPECIFICITY = "anomaly_score", "is_anomaly", "threshold", "heatmap", "specificity"
+INTERNAL_FAILURE = "the server failed to score this request (an internal error, logged on the server)"
+
+log = logging.getLogger(__name__)
 
 
 class ServingConfig(BaseModel):
@@ -114,8 +118,20 @@ class DPAPyfuncModel(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Every bad row is named in one error (HTTP 400 when served), rather than failing on the first."""
-        params = params or {}
+        """Every bad row is named in one error (HTTP 400 when served), rather than failing on the first.
+
+        Any other failure is a fault of this server: it answers HTTP 500 with a fixed message and
+        logs the traceback here, because MLflow would otherwise answer 400 with the traceback (the
+        server's file paths) in the response."""
+        try:
+            return self._predict(model_input, params or {})
+        except MlflowException:
+            raise
+        except Exception as exc:
+            log.exception("scoring a request failed")
+            raise MlflowException(INTERNAL_FAILURE, error_code=INTERNAL_ERROR) from exc
+
+    def _predict(self, model_input: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
         try:
             threshold = self.operating_threshold(params.get(THRESHOLD), params.get(SPECIFICITY))
             rows = request_rows(model_input, self.limits)

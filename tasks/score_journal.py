@@ -5,8 +5,9 @@ fsynced, so a crash (even SIGKILL or a power cut) loses at most the chunk being 
 with the same model version and output folder reads the journal back, drops a partially written
 last line, and skips every input whose (path, sha256 of its content) is already there: an
 unchanged file is never scored or written twice, an edited one is scored again. One model
-version per output folder: a journal of another version is refused, never mixed. One scoring
-process per output folder at a time (a file lock).
+version and one threshold per output folder: a journal of another version, or whose `is_anomaly`
+decisions were taken at another threshold (`--threshold`/`--specificity`), is refused, never
+mixed. One scoring process per output folder at a time (a file lock).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mlflow import MlflowClient
 
 JOURNAL_CSV = "scores.journal.csv"
 LOCK_FILE = ".scoring.lock"
-MODEL_URI, MODEL_VERSION, INPUT_DIGEST = "model_uri", "model_version", "input_digest"
+MODEL_URI, MODEL_VERSION, INPUT_DIGEST, THRESHOLD = "model_uri", "model_version", "input_digest", "threshold"
 KEY = ("path", INPUT_DIGEST)
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,12 @@ def file_digests(files: list[Path]) -> list[str]:
 
 
 class ScoreJournal:
-    """`<out>/scores.journal.csv`: the header, then one line per scored file, in scoring order."""
+    """`<out>/scores.journal.csv`: the header, then one line per scored file, in scoring order.
+    `threshold` is the one this run applies, as written in the rows' `threshold` column."""
 
-    def __init__(self, out_dir: Path, columns: list[str], model: ModelRef):
+    def __init__(self, out_dir: Path, columns: list[str], model: ModelRef, threshold: str):
         self.file = out_dir / JOURNAL_CSV
-        self.columns, self.model = columns, model
+        self.columns, self.model, self.threshold = columns, model, threshold
 
     def read(self) -> pd.DataFrame:
         """The rows already scored (empty when new), after dropping a torn last line and checking
@@ -94,7 +96,8 @@ class ScoreJournal:
         if list(rows.columns) != self.columns:
             raise ScoringStateError(
                 f"{self.file} was written with other columns ({', '.join(rows.columns)}), e.g. with heat maps "
-                "switched on or off or another input kind: rerun with the same options, or choose another --out."
+                "switched on or off, another input kind, or before scores recorded their threshold: rerun with the "
+                "same options, or choose another --out."
             )
         versions = sorted(set(rows[MODEL_VERSION]) - {self.model.version})
         if versions:
@@ -103,6 +106,13 @@ class ScoreJournal:
                 f"{self.file.parent} holds scores of model version {', '.join(versions)} ({uri}); this run scores "
                 f"with version {self.model.version} ({self.model.uri}). Scores of two versions are never mixed: "
                 "choose another --out, or delete that folder to score it again."
+            )
+        thresholds = sorted(set(rows[THRESHOLD]) - {self.threshold})
+        if thresholds:
+            raise ScoringStateError(
+                f"{self.file.parent} holds decisions (is_anomaly) taken at threshold {', '.join(thresholds)}; this run "
+                f"applies threshold {self.threshold}. Decisions at two thresholds are never mixed: rerun with the same "
+                "--threshold/--specificity as before (or neither, for the registered one), or choose another --out."
             )
         return rows.drop_duplicates(list(KEY), keep="first")
 

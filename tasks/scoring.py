@@ -7,7 +7,8 @@ equal served scores. A file that cannot be read or preprocessed is never dropped
 warning, and the summary counts it; the other files are still scored.
 
 scores.csv columns: `path` (relative to the input; the manifest path for a dataset),
-`anomaly_score`, `is_anomaly`, `label` (only for a manifest), `heatmap` (the PNG under
+`anomaly_score`, `is_anomaly`, `threshold` (the one `is_anomaly` applies), `label` (only for a
+manifest), `heatmap` (the PNG under
 `heatmaps/`, see `tasks.mlflow_model` for its grey scale), `error`, and the lineage of each row:
 `model_uri` (the pinned version, `models:/<name>/<version>`), `model_version` and `input_digest`
 (sha256 of the file's bytes). One row per input file, in input order.
@@ -38,6 +39,7 @@ from tasks.score_journal import (
     KEY,
     MODEL_URI,
     MODEL_VERSION,
+    THRESHOLD,
     ModelRef,
     ScoreJournal,
     ScoringStateError,
@@ -131,10 +133,10 @@ def score_inputs(
     scorer = load_dpa_scorer(model.uri, threshold, specificity)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = [PATH, SCORE, IS_ANOMALY, *([LABEL] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
+    columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
                ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
     with output_lock(out_dir), stop_on_signal():
-        journal = ScoreJournal(out_dir, columns, model)
+        journal = ScoreJournal(out_dir, columns, model, repr(scorer.threshold))
         done = journal.read()
         _refuse_foreign_scores(out_dir / SCORES_CSV, model)
         todo = inputs[~_keys(inputs).isin(set(_keys(done)))].reset_index(drop=True)
@@ -165,7 +167,7 @@ def _score_todo(
         if heatmaps:
             frame[HEATMAP] = [_write_heatmap(out_dir, todo.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
         rows = pd.concat([todo.loc[frame.index].drop(columns=FILE), frame], axis=1)
-        rows[MODEL_URI], rows[MODEL_VERSION] = model.uri, model.version
+        rows[THRESHOLD], rows[MODEL_URI], rows[MODEL_VERSION] = journal.threshold, model.uri, model.version
         rows[SCORE] = rows[SCORE].map(lambda v: "" if pd.isna(v) else repr(float(v)))
         rows[IS_ANOMALY] = rows[IS_ANOMALY].map(lambda v: "" if pd.isna(v) else str(bool(v)))
         journal.append(rows[rows[INPUT_DIGEST] != ""])
@@ -236,10 +238,10 @@ def summarize(scores_csv: Path) -> list[dict[str, str]]:
 
 @task(name="score-images", cache_policy=NO_CACHE)
 def score_inputs_task(
-    model_uri: str, input: str, out: str, heatmaps: bool = True,
+    model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK,
     threshold: float | None = None, specificity: float | None = None,
 ) -> Path:
-    return score_inputs(model_uri, input, out, heatmaps, threshold=threshold, specificity=specificity)
+    return score_inputs(model_uri, input, out, heatmaps, chunk_size, threshold=threshold, specificity=specificity)
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)

@@ -1,8 +1,8 @@
 """`dpa up` / `dpa down`: the local production-like stack a person triggers runs from (DESIGN.md §10).
 
 On 127.0.0.1 only: a Prefect server (PostgreSQL when given or reachable, else SQLite), an MLflow
-tracking server on the project's store, the work pool and its queues, the deployments of
-`prefect.yaml`, and a process worker. What was started is recorded in `.dpa/stack/stack.json`
+tracking server on the project's store, the work pool and its queues, the automations of
+`automations/` (crashed-run detection), the deployments of `prefect.yaml`, and a process worker. What was started is recorded in `.dpa/stack/stack.json`
 (pid and start time of each process, so a reused pid is never signalled); `dpa down` stops exactly
 those processes and their descendants (flow runs start in sessions of their own). Logs go to
 `.dpa/stack/*.log`.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import psycopg2
+import yaml
 from psycopg2 import sql
 
 from tasks.config import PROJECT_ROOT, project_dir
@@ -157,6 +158,7 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, prefect_db: str | None
             _write_stack(stack, project)  # recorded as soon as started: `dpa down` finds a half-started stack
             if name == "prefect-server":
                 _create_pool_and_queues(stack)
+                _create_automations(stack)
                 _deploy(stack, logs, timeout)
         _wait_for_worker(stack, timeout)
     except BaseException:
@@ -232,6 +234,19 @@ def _create_pool_and_queues(stack: Stack) -> None:
             except ObjectAlreadyExists:
                 existing = client.read_work_queue_by_name(queue, work_pool_name=POOL)
                 client.update_work_queue(existing.id, concurrency_limit=limit)
+
+
+def _create_automations(stack: Stack) -> None:
+    """The automations of `automations/` (crashed-run detection), replacing any of the same name."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events.schemas.automations import AutomationCore
+
+    with SyncPrefectClient(stack.api_url) as client:
+        for file in sorted((PROJECT_ROOT / "automations").glob("*.yaml")):
+            automation = AutomationCore.model_validate(yaml.safe_load(file.read_text()))
+            for existing in client.read_automations_by_name(automation.name):
+                client.delete_automation(existing.id)
+            client.create_automation(automation)
 
 
 def _deploy(stack: Stack, logs: Path, timeout: float) -> None:

@@ -27,5 +27,7 @@ def train(cfg: DPAConfig, images: torch.Tensor, checkpoint_dir: Path, run_id: st
         if cfg.train.nproc_per_node > 1:
             return train_distributed(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
         trainer = Trainer(cfg, images, checkpoint_dir, callbacks=[MetricsLogger(run_id)])
+        if trainer.iteration:
+            print(f"resuming from {trainer.checkpoint_path} at iteration {trainer.iteration}/{trainer.total_iterations}")
         trainer.callbacks.append(checkpoint_on_stop(trainer))
         return trainer.fit()

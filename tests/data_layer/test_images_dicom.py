@@ -65,7 +65,11 @@ def test_npy_rules(tmp_path, gray):
     np.save(tmp_path / "nan.npy", np.array([[np.nan, 0.0], [0.0, 1.0]]))
     np.save(tmp_path / "rgba.npy", np.zeros((4, 4, 4), np.uint8))
     np.save(tmp_path / "flat.npy", np.zeros(16, np.uint8))
-    for name, reason in (("nan", "NaN"), ("rgba", "shape"), ("flat", "shape")):
+    np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
+    np.save(tmp_path / "complex.npy", np.zeros((4, 4), complex))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4), np.uint8))
+    for name, reason in (("nan", "NaN"), ("rgba", "shape"), ("flat", "shape"), ("text", "real numbers"),
+                         ("complex", "real numbers"), ("empty", "no pixels")):
         with pytest.raises(ImageReadError, match=f"{name}.npy.*{reason}"):
             read_image(tmp_path / f"{name}.npy")
 
@@ -168,6 +172,19 @@ def test_dicom_rescale_without_window_keeps_relative_levels(tmp_path, ramp, writ
 def test_dicom_multiframe_is_rejected_with_a_clear_message(tmp_path, ramp, write_dicom):
     path = write_dicom(tmp_path / "cine.dcm", np.stack([ramp, ramp]), frames=2)
     with pytest.raises(ImageReadError, match=r"cine\.dcm: multi-frame DICOM \(2 frames\)"):
+        read_image(path)
+
+
+@pytest.mark.parametrize(("tags", "reason"), [
+    ({"BitsAllocated": None}, "Bits Allocated"),
+    ({"PhotometricInterpretation": None}, "Photometric Interpretation"),
+    ({"SamplesPerPixel": 3}, "Planar Configuration"),
+    ({"RescaleSlope": "nan", "RescaleIntercept": 0}, "NaN or infinite"),
+])
+def test_odd_pixel_attributes_raise_naming_the_file(tmp_path, ramp, write_dicom, tags, reason):
+    """pydicom answers these with AttributeError or TypeError, or decodes NaN: each is an ImageReadError."""
+    path = write_dicom(tmp_path / "odd.dcm", ramp, **tags)
+    with pytest.raises(ImageReadError, match=rf"odd\.dcm: cannot decode .*{reason}"):
         read_image(path)
 
 

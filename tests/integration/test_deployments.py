@@ -1,7 +1,8 @@
 """prefect.yaml against a real Prefect server on PostgreSQL: `prefect deploy --all` creates the four
-deployments as documented, a UI-style run of `train-on-demand` is picked up by a real process
-worker, trains, and registers a model version in MLflow, and score drift seen by batch scoring
-starts one retraining run per cooldown through the deployment trigger."""
+deployments as documented; a UI-style run of `train-on-demand` is picked up by a real process
+worker, trains, and registers a model version in MLflow; a run whose worker is killed with kill -9
+is marked crashed, and the same parameters started again resume from its checkpoint; and score
+drift seen by batch scoring starts one retraining run per cooldown through the deployment trigger."""
 
 from __future__ import annotations
 
@@ -15,13 +16,20 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import psutil
 import pytest
+import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tasks.monitoring import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
+from data_layer.preprocessing import preprocess_dataset
+from model.trainer import CHECKPOINT_NAME, train_dpa
+from tasks.config import PipelineParams, resolve_run_config
+from tasks.mlflow_model import load_dpa_scorer
 from tests.tiny import tiny_training
 from tests.integration.conftest import BIN, REPO, PrefectServer, run_command
 from tests.integration.drift_client import MODEL_NAME
@@ -31,6 +39,13 @@ pytestmark = pytest.mark.integration
 POOL = "dpa-pool"
 TRAINING_QUEUE = "training"
 GPU_DEPLOYMENTS = ("scheduled-retraining", "train-on-demand", "tune")
+CRASH_AUTOMATION = REPO / "automations" / "crash-unresponsive-runs.yaml"
+ITERATIONS = 200
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+"""Training threads of the killed and resumed runs and of the in-process reference: the same count,
+so the weights can be compared bit for bit (and tiny convolutions run ~20x faster than with 2
+threads on a shared 2-core machine)."""
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +81,7 @@ def test_deploy_all_creates_the_documented_deployments(prefect_server: PrefectSe
         assert d["work_pool_name"] == POOL
         assert d["enforce_parameter_schema"] is True
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert d["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", name  # crash detection
 
     # GPU-heavy runs: one at a time per deployment, and one at a time across them (shared queue).
     for name in GPU_DEPLOYMENTS:
@@ -86,34 +102,46 @@ def test_deploy_all_creates_the_documented_deployments(prefect_server: PrefectSe
     assert bad.status_code == 409 and "preset" in bad.text, bad.text
 
 
-def test_train_on_demand_runs_on_a_process_worker(
-    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
-) -> None:
-    model_name = f"dpa-it-{uuid.uuid4().hex[:8]}"
-    deployment_id = deployments["train-on-demand"]["id"]
-    run = prefect_server.api(
-        "POST", f"/deployments/{deployment_id}/create_flow_run", {"parameters": {"params": tiny_training(model_name)}}
-    )
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    worker_env = {
-        **os.environ, **prefect_server.env,
-        "DPA_PROJECT_DIR": str(project), "MLFLOW_TRACKING_URI": tracking_uri,
-    }
-    log = tmp_path / "worker.log"
+def start_worker(prefect_server: PrefectServer, project: Path, tracking_uri: str, log: Path, **env: str) -> subprocess.Popen:
+    """A real process worker on the training queue (--run-once: poll once, run what it got, exit when
+    that run ends), in its own session like a service, logging to `log`; `env` adds to its environment."""
+    env = {**os.environ, **prefect_server.env, "DPA_PROJECT_DIR": str(project), "MLFLOW_TRACKING_URI": tracking_uri, **env}
     command = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--work-queue", TRAINING_QUEUE,
                "--run-once", "--limit", "1"]
-    with log.open("wb") as sink:  # --run-once: poll once, run what it got, exit when that run ends
-        worker = subprocess.Popen(command, cwd=tmp_path, env=worker_env, stdout=sink, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    with log.open("wb") as sink:
+        return subprocess.Popen(command, cwd=log.parent, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def run_worker_to_the_end(worker: subprocess.Popen, timeout: float = 300) -> None:
     try:
-        worker.wait(timeout=300)
+        worker.wait(timeout=timeout)
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
 
-    state = prefect_server.api("GET", f"/flow_runs/{run['id']}")["state"]
-    output = log.read_text(errors="replace")[-6000:]
+
+def create_run(prefect_server: PrefectServer, deployment: dict, params: dict) -> str:
+    """A run of `deployment` as the UI creates it; its id."""
+    return prefect_server.api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"params": params}})["id"]
+
+
+def state_of(prefect_server: PrefectServer, run_id: str) -> dict:
+    return prefect_server.api("GET", f"/flow_runs/{run_id}")["state"]
+
+
+def test_train_on_demand_runs_on_a_process_worker(
+    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
+) -> None:
+    model_name = f"dpa-it-{uuid.uuid4().hex[:8]}"
+    run_id = create_run(prefect_server, deployments["train-on-demand"], tiny_training(model_name))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    worker = start_worker(prefect_server, project, tracking_uri, tmp_path / "worker.log")
+    run_worker_to_the_end(worker)
+
+    state = state_of(prefect_server, run_id)
+    output = (tmp_path / "worker.log").read_text(errors="replace")[-6000:]
     assert worker.returncode == 0 and state["type"] == "COMPLETED", f"worker exit {worker.returncode}, {state}\n{output}"
 
     versions = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).search_model_versions(
@@ -123,13 +151,75 @@ def test_train_on_demand_runs_on_a_process_worker(
     assert (project / "data.dvc").is_file()  # the imported dataset became the versioned data/
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90) -> Any:
-    """Poll `probe` until it returns something truthy (the server works asynchronously)."""
+def wait_for(what: str, probe: Callable[[], T], timeout: float = 90, alive: subprocess.Popen | None = None) -> T:
+    """Poll `probe` until it returns something truthy (the server works asynchronously); fail naming
+    `what`, or the process `alive` if it exits first."""
     deadline = time.monotonic() + timeout
     while not (found := probe()):
+        assert alive is None or alive.poll() is None, f"the worker exited ({alive.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.5)
+        time.sleep(0.1)
     return found
+
+
+def kill_tree(root: subprocess.Popen) -> list[int]:
+    """SIGKILL a process and every descendant at once, as a container's or a systemd unit's end
+    does: the flow run Prefect started in a session of its own dies with its worker."""
+    parent = psutil.Process(root.pid)
+    tree = [parent, *parent.children(recursive=True)]
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=30)
+    root.wait()
+    return [p.pid for p in tree]
+
+
+def test_a_run_whose_worker_is_killed_is_crashed_and_the_same_parameters_resume(
+    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the worker during training → the run is marked CRASHED by the shipped automation
+    (no heartbeat; the test shortens its window from 90 s to 40 s and removes it before the rerun, so
+    a slow heartbeat of the live rerun cannot crash it) → a new run with the same parameters resumes
+    from the checkpoint, ends with the weights of an uninterrupted training, and registers one version."""
+    model_name = f"dpa-kill-{uuid.uuid4().hex[:8]}"
+    params = tiny_training(model_name, **{"dpa.train.stab_iters": ITERATIONS, "dpa.train.checkpoint_every": 10})
+    automation = {**yaml.safe_load(CRASH_AUTOMATION.read_text()), "name": f"crash-{model_name}"}
+    automation["trigger"]["within"] = 40
+    prefect_server.cli("automation", "create", "--from-json", json.dumps(automation))
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]  # the project's store, which this process reads too
+
+    killed_run = create_run(prefect_server, deployments["train-on-demand"], params)
+    worker = start_worker(prefect_server, project, tracking_uri, tmp_path / "killed-worker.log", **ONE_THREAD)
+    checkpoint = wait_for("checkpoint", lambda: next(project.glob(f".dpa/checkpoints/*/*/{CHECKPOINT_NAME}"), None), 300, worker)
+    pids = kill_tree(worker)
+    _, _, killed_at = torch.load(checkpoint, weights_only=True)["position"]
+    assert len(pids) >= 2 and 0 < killed_at < ITERATIONS, (pids, killed_at)  # the worker and its flow run, mid-training
+    crashed = wait_for("CRASHED state", lambda: state if (state := state_of(prefect_server, killed_run))["type"] == "CRASHED" else None, 120)
+    prefect_server.cli("automation", "delete", automation["name"])
+
+    rerun = create_run(prefect_server, deployments["train-on-demand"], params)
+    worker = start_worker(prefect_server, project, tracking_uri, tmp_path / "worker.log", **ONE_THREAD)
+    run_worker_to_the_end(worker)
+    output = (tmp_path / "worker.log").read_text(errors="replace")
+    assert state_of(prefect_server, rerun)["type"] == "COMPLETED", output[-6000:]
+    assert crashed["message"].startswith("No heartbeat"), crashed
+    assert f"{CHECKPOINT_NAME} at iteration {killed_at}/{ITERATIONS}" in output, output[-6000:]  # resumed, not restarted
+
+    versions = MlflowClient().search_model_versions(f"name='{model_name}'")
+    assert len(versions) == 1, [v.version for v in versions]
+    version = versions[0]
+    cfg = resolve_run_config(PipelineParams.model_validate(params))
+    data_version = MlflowClient().get_run(version.run_id).data.tags["data_version"]
+    data = preprocess_dataset(project / "data", cfg.preprocess, project / ".dpa" / "cache", data_version)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(ONE_THREAD["OMP_NUM_THREADS"]))
+    try:
+        uninterrupted = train_dpa(cfg.dpa, data.subset(split="train", label="normal").images, progress=False).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    resumed = load_dpa_scorer(f"models:/{model_name}/{version.version}").dpa.state_dict()
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k].cpu()) for k in uninterrupted), "resumed weights differ"
 
 
 def test_score_drift_starts_one_retraining_run_per_cooldown(

@@ -38,6 +38,8 @@ def test_up_serves_both_uis_deployments_and_a_worker(stack: tuple[Stack, dict[st
     assert {d["name"] for d in deployments} == {"scheduled-retraining", "train-on-demand", "batch-scoring", "tune"}
     queues = httpx.post(f"{running.api_url}/work_pools/dpa-pool/queues/filter", json={}, timeout=30).json()
     assert {q["name"]: q["concurrency_limit"] for q in queues if q["name"] != "default"} == {"training": 1, "scoring": None}
+    automations = httpx.post(f"{running.api_url}/automations/filter", json={}, timeout=30).json()
+    assert [a["name"] for a in automations] == ["dpa-crash-unresponsive-runs"]  # crashed-run detection
     workers = httpx.post(f"{running.api_url}/work_pools/dpa-pool/workers/filter", json={}, timeout=30).json()
     assert workers, "no worker polls dpa-pool"
     ui = httpx.get(running.prefect_url, timeout=30)

@@ -29,7 +29,7 @@ from tasks.mlflow_model import (
     load_scorer,
     log_dpa_model,
 )
-from tasks.pyfunc_model import SERVING_CONFIG, WEIGHTS, ServingConfig
+from tasks.pyfunc_model import INTERNAL_FAILURE, SERVING_CONFIG, WEIGHTS, ServingConfig
 from tasks.serving_request import PATH_ROOT_ENV, PATHS_DISABLED
 from tests.pipeline.conftest import PREPROCESS, ImageSet, RegisteredDPA
 
@@ -74,6 +74,15 @@ def test_heatmap_is_the_map_in_threshold_units(champion: RegisteredDPA, image_se
         assert decoded.shape == (16, 16)
         reference = np.clip(expected.numpy() / champion.threshold, 0, HEATMAP_SATURATION)
         np.testing.assert_allclose(decoded, reference, atol=HEATMAP_SATURATION / 255)
+
+
+def test_a_fault_of_the_server_answers_500_without_the_traceback(champion: RegisteredDPA, image_set: ImageSet) -> None:
+    scorer = load_dpa_scorer(champion.champion_uri)
+    scorer.dpa = None  # a broken server, not a bad request
+    with pytest.raises(MlflowException) as caught:
+        scorer.predict(None, pd.DataFrame({"image": [b64(image_set.files[0])]}))
+    assert caught.value.get_http_status_code() == 500 and caught.value.message == INTERNAL_FAILURE
+    assert "stack_trace" not in caught.value.serialize_as_json()
 
 
 def test_bad_rows_are_named_in_one_error(champion: RegisteredDPA, image_set: ImageSet) -> None:

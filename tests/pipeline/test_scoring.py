@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.exceptions import ParameterTypeError
 
 from flows.scoring import batch_scoring
 from tasks.scoring import list_inputs, score_inputs
@@ -24,7 +25,8 @@ def test_dataset_scores_labels_and_heatmaps(champion: RegisteredDPA, image_set: 
     csv = score_inputs(champion.champion_uri, str(image_set.root), str(tmp_path / "out"))
     scores = pd.read_csv(csv, keep_default_na=False)
     assert list(scores.columns) == [
-        "path", "anomaly_score", "is_anomaly", "label", "heatmap", "error", "model_uri", "model_version", "input_digest"
+        "path", "anomaly_score", "is_anomaly", "threshold", "label", "heatmap", "error", "model_uri", "model_version",
+        "input_digest",
     ]
     assert set(scores["model_uri"]) == {f"models:/{champion.name}/{champion.version}"}
     assert set(scores["model_version"].astype(str)) == {champion.version}
@@ -66,8 +68,11 @@ def test_inputs_that_hold_no_images_are_refused(tmp_path: Path) -> None:
 def test_batch_scoring_flow_writes_scores_and_publishes_summary(
     prefect_server: None, champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path
 ) -> None:
-    csv = batch_scoring(input=str(image_set.root), out=str(tmp_path / "out"), model_uri=champion.champion_uri)
-    assert len(pd.read_csv(csv)) == len(image_set.files)
+    csv = batch_scoring(input=str(image_set.root), out=str(tmp_path / "out"), model_uri=champion.champion_uri, chunk_size=3)
+    scores = pd.read_csv(csv, dtype=str)
+    assert len(scores) == len(image_set.files) and set(scores["threshold"]) == {repr(champion.threshold)}
+    with pytest.raises(ParameterTypeError, match="chunk_size"):
+        batch_scoring(input=str(image_set.root), out=str(tmp_path / "zero"), model_uri=champion.champion_uri, chunk_size=0)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["batch-scoring-summary"])))
     table = {row["metric"]: row["value"] for row in json.loads(artifacts[-1].data)}

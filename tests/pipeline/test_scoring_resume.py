@@ -1,6 +1,7 @@
 """Crash-safe batch scoring with real `dpa score` processes: SIGKILL mid-run then rerun gives the
 uninterrupted run's rows; SIGTERM stops after a chunk with exit 143; a finished folder is not
-written again; an edited file is rescored; another model version or a second writer is refused."""
+written again; an edited file is rescored; another model version, another threshold or a second
+writer is refused."""
 
 from __future__ import annotations
 
@@ -161,6 +162,21 @@ def test_another_model_version_in_the_folder_is_refused(
     (out / JOURNAL_CSV).unlink()  # the finished scores.csv alone is refused too
     with pytest.raises(ScoringStateError, match=f"holds scores of model version {champion.version}, not {newer}"):
         score_inputs(f"models:/{champion.name}/{newer}", str(images), str(out), heatmaps=False)
+
+
+def test_a_resume_at_another_threshold_is_refused(champion: RegisteredDPA, folder: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in sorted(folder.rglob("*.png"))[:2]:
+        (images / src.name).write_bytes(src.read_bytes())
+    out = tmp_path / "out"
+    first = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False, threshold=0.5), dtype=str)
+    assert set(first["threshold"]) == {"0.5"}
+    for other in ({}, {"specificity": 0.5}, {"threshold": 0.25}):
+        with pytest.raises(ScoringStateError, match=r"taken at threshold 0\.5; this run applies threshold .*--specificity"):
+            score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False, **other)
+    again = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False, threshold=0.5), dtype=str)
+    assert again.equals(first)
 
 
 def test_a_second_writer_on_the_same_folder_is_refused(champion: RegisteredDPA, folder: Path, tmp_path: Path) -> None:

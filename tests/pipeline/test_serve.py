@@ -1,7 +1,8 @@
 """The champion served by real `mlflow models serve --env-manager local` processes: base64 image
 files in, the same scores as the in-process model out; `path` refused by default with one message
 whether or not the file exists, and read only inside an operator's allowed root; malformed requests
-and requests over the limits answered 400; the operating threshold chosen per request.
+and requests over the limits answered 400; the operating threshold chosen per request; hypothesis-drawn
+malformed requests of every kind answered 4xx with a message, the server serving valid ones after.
 
 Two servers (default and with an allowed root) start in parallel: each takes tens of seconds."""
 
@@ -10,56 +11,48 @@ from __future__ import annotations
 import base64
 import json
 import os
-import struct
+import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from tasks.serving_request import PATH_REFUSED, PATHS_DISABLED
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
+from tests.pipeline.malformed_requests import b64, images_payload, malformed_requests, png_header
 from tests.servers import Server, start_server
 
 MAX_ROWS, MAX_IMAGE_BYTES = 16, 50_000
+FUZZ_EXAMPLES_PER_KIND = 15
+REPO = Path(__file__).resolve().parents[2]
+
+
+def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, str]:
+    """(status, response text) of a JSON request; a hang raises TimeoutError after `timeout` seconds."""
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def invoke(url: str, payload: dict | bytes) -> tuple[int, dict]:
-    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+    status, text = post(url, payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+    return status, json.loads(text)
 
 
 def model_message(body: dict) -> str:
     """The model's own message: the scoring server prefixes it with a repr of the request's data."""
     return body["message"].partition("\nError: ")[2]
-
-
-def images_payload(cells: list, column: str = "image", **params) -> dict:
-    payload = {"dataframe_split": {"columns": [column], "data": [[cell] for cell in cells]}}
-    return {**payload, "params": params} if params else payload
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width × height pixels (a decompression-bomb probe: no pixel data)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def serve(model_uri: str, mlflow_store: str, log_file: Path, **env: str) -> Server:
@@ -164,3 +157,60 @@ def test_threshold_params_through_the_server(servers, champion: RegisteredDPA, i
     expected = float(np.quantile(champion.normal_scores, 0.5))
     assert [r["threshold"] for r in by_specificity["predictions"]] == pytest.approx([expected] * len(images))
     assert [r["is_anomaly"] for r in by_specificity["predictions"]] == (scores > expected).tolist()
+
+
+@pytest.mark.integration
+def test_fuzzed_malformed_requests_answer_4xx_and_the_server_keeps_serving(
+    servers, champion: RegisteredDPA, image_set: ImageSet, mlflow_store: str
+) -> None:
+    """Hypothesis-drawn malformed requests of every kind (tests/pipeline/malformed_requests.py) to the
+    default server: each answered within 30 s, 4xx, with a message and without a traceback, a server
+    path or a file's content (MLflow answers an unexpected model error with 400 *and* the traceback,
+    so the traceback is the failure sign here); then valid images still score as before."""
+    url = servers[0].url
+    files = [f.read_bytes() for f in image_set.files]
+    dicom = next(f.read_bytes() for f in image_set.files if f.suffix == ".dcm")
+    store = Path(mlflow_store.removeprefix("sqlite:///")).parent
+    server_only = ("Traceback", "stack_trace", "site-packages", "root:x:", str(REPO), str(image_set.root), str(store),
+                   f"{tempfile.gettempdir()}/tmp")
+    for kind, strategy in malformed_requests(files, dicom).items():
+        settings(max_examples=FUZZ_EXAMPLES_PER_KIND, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow])(given(strategy)(_answered_4xx(url, kind, server_only)))()
+    status, body = invoke(url, images_payload([b64(data) for data in files]))
+    assert status == 200, body
+    np.testing.assert_allclose([r["anomaly_score"] for r in body["predictions"]], image_set.expected_scores(champion.dpa), rtol=1e-5)
+
+
+@pytest.mark.integration
+def test_the_load_benchmark_reports_figures_and_fails_on_errors(servers) -> None:
+    """benchmarks/serve_load.py against the running server, with a tiny load; batches over the
+    server's row limit make every request fail, and the script exit 1."""
+    server = servers[0]
+    command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--url", server.url,
+               "--server-pid", str(server.process.pid), "--clients", "3", "--image-size", "32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([*command, "--requests", "12", "--batch-sizes", "1", "4"], capture_output=True, text=True, timeout=120, env=env)
+    too_big = subprocess.run([*command, "--requests", "2", "--batch-sizes", str(MAX_ROWS + 1)], capture_output=True, text=True,
+                             timeout=120, env=env)
+    rows = {fields[0]: fields[1:3] for fields in map(str.split, ok.stdout.splitlines()) if fields[:1] in (["1"], ["4"])}
+    assert ok.returncode == 0 and rows == {"1": ["6", "0"], "4": ["6", "0"]}, ok.stdout + ok.stderr
+    assert "MiB after the load" in ok.stdout and ok.stdout.rstrip().endswith("OK: no errors, memory within the bound")
+    assert too_big.returncode == 1 and "answered 400; first: " in too_big.stdout, too_big.stdout + too_big.stderr
+    assert too_big.stdout.rstrip().endswith("FAIL: 2 failed requests")
+
+
+def _answered_4xx(url: str, kind: str, server_only: tuple[str, ...]) -> Callable[[bytes], None]:
+    """The property of one kind of malformed request (strings the request itself holds may be echoed)."""
+    def check(body: bytes) -> None:
+        status, text = post(url, body, timeout=30)
+        leaks = [s for s in server_only if s in text and s.encode() not in body]
+        assert 400 <= status < 500 and _message(text) and not leaks, (kind, status, leaks, text[-600:])
+
+    return check
+
+
+def _message(text: str) -> str:
+    try:
+        return str(json.loads(text).get("message") or "")
+    except (ValueError, AttributeError):
+        return ""
