@@ -2,7 +2,9 @@
 the device in one copy, so a step draws nothing on the host and makes no host↔device transfer.
 
 All draws come from one CPU `torch.Generator` in a fixed order, and the epoch's plan is part of
-the sampler state, so a checkpoint resumes the exact stream.
+the sampler state, so a checkpoint resumes the exact stream. With `augment.frozen` each image's
+crop and flips are drawn once, first, from that generator (so a resume re-derives them) and every
+epoch reuses them.
 """
 
 from __future__ import annotations
@@ -66,11 +68,16 @@ class BatchSampler:
             )
         self.n, self.batch_size, self.generator, self.device = n, batch_size, generator, device
         self.h, self.w, self.size, self.augment_cfg = images_shape[-2], images_shape[-1], size, augment_cfg
+        self.frozen = self._draw_augment() if augment_cfg.frozen else None
         self._set_plan(self._draw_plan(), 0)
+
+    def _draw_augment(self) -> dict[str, torch.Tensor]:
+        return draw_augment(self.n, self.h, self.w, self.size, self.augment_cfg, self.generator)
 
     def _draw_plan(self) -> dict[str, torch.Tensor]:
         perm = torch.randperm(self.n, generator=self.generator)
-        return {"perm": perm, **draw_augment(self.n, self.h, self.w, self.size, self.augment_cfg, self.generator)}
+        per_image = self._draw_augment() if self.frozen is None else {k: v[perm] for k, v in self.frozen.items()}
+        return {"perm": perm, **per_image}
 
     def _set_plan(self, plan: dict[str, torch.Tensor], pos: int) -> None:
         self.plan, self.pos = plan, pos

@@ -131,6 +131,11 @@ class AugmentConfig(BaseModel):
     random_crop: bool = False
     hflip: bool = False
     vflip: bool = False
+    frozen: bool = Field(
+        False,
+        description="draw one seeded crop/flip per training image, once, and reuse it at every draw (the authors "
+                    "cache the transformed training set for Camelyon16 with PG)",
+    )
 
 
 class TrainConfig(BaseModel):

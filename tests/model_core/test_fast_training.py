@@ -6,6 +6,8 @@ import logging
 import pytest
 import torch
 
+from model.batches import BatchSampler
+from model.config import AugmentConfig
 from model.dpa import DPA
 from model.networks import fade
 from model.progressive import Stage, downsample, stage_input
@@ -79,9 +81,29 @@ def test_a_diverging_loss_stops_training_naming_iteration_and_learning_rate() ->
         Trainer(cfg, blob_images(24, 16, seed=0), progress=False).fit()
 
 
-def test_resume_is_exact_with_random_crops_and_flips(tmp_path) -> None:
+def crops_per_image(augment: AugmentConfig, draws: int = 12) -> dict[int, set[tuple[int, ...]]]:
+    """Every (top, left, hflip, vflip) each of 10 images 24 px wide got over `draws` batches of 5 (16 px crops)."""
+    sampler = BatchSampler(torch.Size([10, 1, 24, 24]), 5, 16, augment, torch.Generator().manual_seed(0), torch.device("cpu"))
+    seen: dict[int, set[tuple[int, ...]]] = {}
+    for _ in range(draws):
+        idx, batch = sampler.next()
+        for j, image in enumerate(idx.tolist()):
+            seen.setdefault(image, set()).add(tuple(int(batch[k][j]) for k in ("top", "left", "hflip", "vflip")))
+    return seen
+
+
+def test_frozen_augmentation_gives_an_image_the_same_crop_at_every_draw() -> None:
+    random = AugmentConfig(random_crop=True, hflip=True, vflip=True)
+    frozen = crops_per_image(random.model_copy(update={"frozen": True}))
+    assert len(frozen) == 10 and all(len(crops) == 1 for crops in frozen.values())  # 6 epochs, one crop each
+    assert len({crop for crops in frozen.values() for crop in crops}) > 1  # a seeded draw per image, not one for all
+    assert any(len(crops) > 1 for crops in crops_per_image(random).values())
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["random", "frozen"])
+def test_resume_is_exact_with_random_crops_and_flips(tmp_path, frozen: bool) -> None:
     """The per-epoch plan of indices and augmentation draws is part of the checkpoint."""
-    cfg = tiny_config(res=16, stab_iters=8, augment={"random_crop": True, "hflip": True, "vflip": True})
+    cfg = tiny_config(res=16, stab_iters=8, augment={"random_crop": True, "hflip": True, "vflip": True, "frozen": frozen})
     images = blob_images(20, 20, seed=1)  # 2 full batches per epoch: the run crosses epoch boundaries
     full = Trainer(cfg, images, progress=False).fit()
     Trainer(cfg, images, checkpoint_dir=tmp_path, progress=False).fit(until=3)
