@@ -50,6 +50,10 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
         return None
 
+    def grid_point(self, grid_id: int) -> dict[str, Any]:
+        """Every parameter of grid point `grid_id` (the sampler's seeded order, the same on resume)."""
+        return dict(zip(self._param_names, self._all_grids[grid_id]))
+
 
 def open_study(name: str, storage_url: str, space: SearchSpace, sampler: str, protocol: dict[str, Any], seed: int = 0) -> optuna.Study:
     """Create the study, or load it when it exists, refusing one created under another protocol
@@ -73,6 +77,16 @@ def point_of(trial: FrozenTrial) -> dict[str, Any]:
     return trial.params or trial.system_attrs.get("fixed_params", {})
 
 
+def full_point(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """All parameters of a trial, also of one a kill interrupted while `ask` was still setting them
+    one by one: from its enqueued `fixed_params`, else its grid point, else what it got."""
+    if "fixed_params" in trial.system_attrs:
+        return trial.system_attrs["fixed_params"]
+    if isinstance(study.sampler, AskTellGridSampler) and "grid_id" in trial.system_attrs:
+        return study.sampler.grid_point(trial.system_attrs["grid_id"])
+    return trial.params
+
+
 def requeue_unfinished(study: optuna.Study) -> list[int]:
     """Make a restarted search rerun what a dead run left unfinished, and nothing else.
 
@@ -86,9 +100,10 @@ def requeue_unfinished(study: optuna.Study) -> list[int]:
     settled = {point_key(point_of(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING))}
     requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if trial.params and point_key(trial.params) not in settled:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            settled.add(point_key(trial.params))
+        point = full_point(study, trial)
+        if point and point_key(point) not in settled:
+            study.enqueue_trial(point, user_attrs={"retry_of": trial.number})
+            settled.add(point_key(point))
             requeued.append(trial.number)
     return requeued
 

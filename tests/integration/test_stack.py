@@ -39,7 +39,7 @@ def test_up_serves_both_uis_deployments_and_a_worker(stack: tuple[Stack, dict[st
     queues = httpx.post(f"{running.api_url}/work_pools/dpa-pool/queues/filter", json={}, timeout=30).json()
     assert {q["name"]: q["concurrency_limit"] for q in queues if q["name"] != "default"} == {"training": 1, "scoring": None}
     automations = httpx.post(f"{running.api_url}/automations/filter", json={}, timeout=30).json()
-    assert [a["name"] for a in automations] == ["dpa-crash-unresponsive-runs"]  # crashed-run detection
+    assert sorted(a["name"] for a in automations) == ["dpa-crash-unresponsive-runs", "retrain-on-score-drift"]  # crashed runs; drift
     workers = httpx.post(f"{running.api_url}/work_pools/dpa-pool/workers/filter", json={}, timeout=30).json()
     assert workers, "no worker polls dpa-pool"
     ui = httpx.get(running.prefect_url, timeout=30)

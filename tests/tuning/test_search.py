@@ -103,6 +103,19 @@ def test_restart_reruns_unfinished_points_and_never_finished_ones(study: optuna.
     assert resumed.trials[done.number].state == TrialState.COMPLETE
 
 
+def test_a_trial_killed_while_its_parameters_were_set_is_rerun_whole(study: optuna.Study, tmp_path: Path) -> None:
+    """`ask` stores a trial's parameters one by one: a kill in between leaves some unset. The rerun
+    enqueues the trial's whole grid point (an enqueued partial point would stop every later ask)."""
+    distributions = load_search_space("ladder", TINY_SEARCH).distributions()
+    first, *rest = sorted(distributions)
+    partial = study.ask({first: distributions[first]})  # killed before the other parameters were set
+    assert set(partial.params) == {first} and rest
+    resumed = open_study("s", f"sqlite:///{tmp_path / 'optuna.db'}", load_search_space("ladder", TINY_SEARCH), "grid", {"p": 1})
+    assert requeue_unfinished(resumed) == [partial.number]
+    rerun = resumed.ask(distributions)  # raised "All parameters must be specified ..." before
+    assert set(rerun.params) == set(distributions) and rerun.params[first] == partial.params[first]
+
+
 def test_a_study_resumes_only_under_the_same_protocol(study: optuna.Study, tmp_path: Path) -> None:
     space = load_search_space("ladder", TINY_SEARCH)
     with pytest.raises(ValueError, match="other p;"):
