@@ -14,9 +14,9 @@ import mlflow
 import pandas as pd
 from dvc.config import Config
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
 
 from data_layer.manifest import LABEL, SPLIT, read_manifest
+from tasks.model_uri import registered_name, registered_version
 
 DATASET_NAME = "data"
 DATASET_CONTEXT = "training"
@@ -64,7 +64,7 @@ def lineage(target: str, client: MlflowClient | None = None) -> list[str]:
         if target is None:
             return lines
     if target.startswith("models:/"):
-        version = _model_version(client, target)
+        version = registered_version(target, client)
         lines.append(f"model version: {version.name} v{version.version} (aliases {', '.join(version.aliases) or 'none'})")
         if not version.run_id:
             return [*lines, "MISSING: the model version has no MLflow run; no further lineage"]
@@ -89,17 +89,9 @@ def _model_of_scores(scores_csv: Path, lines: list[str]) -> str | None:
         lines.append(f"MISSING: scores.csv names {len(uris)} model URIs ({', '.join(uris) or 'none'}); expected one")
         return None
     if "model_version" in frame.columns and frame["model_version"].nunique() == 1:
-        name = uris[0].removeprefix("models:/").partition("@")[0].partition("/")[0]  # the alias may have moved since
+        name = registered_name(uris[0])  # by version: the alias may have moved since
         return f"models:/{name}/{frame['model_version'].iloc[0]}"
     return uris[0]
-
-
-def _model_version(client: MlflowClient, uri: str) -> ModelVersion:
-    name, sep, alias = uri.removeprefix("models:/").partition("@")
-    if sep:
-        return client.get_model_version_by_alias(name, alias)
-    name, _, number = name.rpartition("/")
-    return client.get_model_version(name, number)
 
 
 def _dataset_lines(inputs: list, tags: dict[str, str]) -> list[str]:

@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from tasks.drift import DriftLevels, DriftReport, drift_report
 from tasks.metrics import VAL_NORMALS
 from tasks.mlflow_model import SCORE, LegacyModelError, ReferenceScores, load_reference_scores
+from tasks.model_uri import registered_name
 from tasks.score_journal import INPUT_DIGEST, MODEL_URI, MODEL_VERSION
 from tasks.scoring import ERROR
 from tasks.tracking import ensure_experiment
@@ -73,19 +74,13 @@ class Monitoring(BaseModel):
     event_id: str | None = None
 
 
-def model_name(model_uri: str) -> str | None:
-    """`models:/name/3` (or `@alias`) → name; None for a model outside the registry."""
-    rest = model_uri.removeprefix("models:/")
-    return rest.partition("@")[0].partition("/")[0] if rest != model_uri else None
-
-
 def read_batch(scores_csv: str | Path) -> Batch:
     """The batch in a scores.csv (`Unmonitorable` says why there is none)."""
     frame = pd.read_csv(scores_csv, dtype=str, keep_default_na=False)
     uris = sorted(set(frame.get(MODEL_URI, pd.Series(dtype=str))) - {""})
     if len(uris) != 1 or MODEL_VERSION not in frame:
         raise Unmonitorable(f"{scores_csv} names {len(uris)} model URIs; monitoring needs the one model version that scored it")
-    name = model_name(uris[0])
+    name = registered_name(uris[0])
     if name is None:
         raise Unmonitorable(f"{uris[0]} is not a registered model version (models:/name/N): monitoring runs are kept per registered model")
     scored = frame[frame[ERROR] == ""]

@@ -23,7 +23,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from filelock import FileLock, Timeout
-from mlflow import MlflowClient
+
+from tasks.model_uri import PREFIX, registered_version
 
 JOURNAL_CSV = "scores.journal.csv"
 LOCK_FILE = ".scoring.lock"
@@ -49,15 +50,9 @@ def resolve_model(model_uri: str) -> ModelRef:
     """`models:/name@alias` and `models:/name/N` become `models:/name/<version>`; any other URI
     (runs:/, a logged-model id, a path) is named by its logged model's uuid. Resolving once, before
     loading, means an alias that moves during a run cannot mix two models' scores."""
-    rest = model_uri.removeprefix("models:/")
+    rest = model_uri.removeprefix(PREFIX)
     if rest != model_uri and ("@" in rest or "/" in rest):
-        client = MlflowClient()
-        name, at, alias = rest.partition("@")
-        if at:
-            found = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = rest.rpartition("/")
-            found = client.get_model_version(name, number)
+        found = registered_version(model_uri)
         return ModelRef(f"models:/{found.name}/{found.version}", str(found.version))
     return ModelRef(model_uri, mlflow.models.get_model_info(model_uri).model_uuid)
 
