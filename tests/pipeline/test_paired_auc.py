@@ -1,10 +1,13 @@
-"""The paired DeLong test: a hand-worked example, the 1988 definition, and a paired bootstrap."""
+"""The paired DeLong test: a hand-worked example, the published aSAH example of pROC, the 1988 definition,
+and a paired bootstrap."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
@@ -92,3 +95,36 @@ def test_identical_models_are_not_significantly_different() -> None:
 def test_too_few_images_of_a_class_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="at least 2 abnormal"):
         paired_delong(np.array([0, 0, 0, 1]), np.arange(4.0), np.arange(4.0))
+
+
+ASAH = Path(__file__).resolve().parents[1] / "data" / "asah.csv"  # see tests/data/README.md
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "z", "p", "ci_low", "ci_high"),
+    [  # roc.test(r.first, r.second): two-sided z, p and the 95% interval of the difference, as pROC's tests expect them
+        ("wfns", "s100b", 2.20898359144091, 0.0271757822291882, 0.0104061769564846, 0.174214419249478),
+        ("wfns", "ndka", 2.79777591868904, 0.00514557970691098, 0.0634011709339876, 0.3600405634833566),
+        ("ndka", "s100b", -1.39077002573558, 0.164295175223054, None, None),
+    ],
+)
+def test_reproduces_proc_on_the_published_asah_example(first: str, second: str, z: float, p: float,
+                                                       ci_low: float | None, ci_high: float | None) -> None:
+    """The worked example of pROC's `roc.test` (Robin et al. 2011) on the aSAH data of Turck et al. (2010):
+    our one-sided test at α = 0.025 has the same z, twice its p is pROC's two-sided p, and its 1 − 2α
+    interval is pROC's 95% interval."""
+    data = pd.read_csv(ASAH)
+    assert (len(data), int(data.poor_outcome.sum())) == (113, 41)
+    result = paired_delong(data.poor_outcome.to_numpy(), data[first].to_numpy(), data[second].to_numpy(), alpha=0.025)
+    assert result.z == pytest.approx(z, rel=1e-10)
+    assert 2 * min(result.p_value, 1 - result.p_value) == pytest.approx(p, rel=1e-9)
+    if ci_low is not None:
+        assert (result.ci_low, result.ci_high) == (pytest.approx(ci_low, rel=1e-9), pytest.approx(ci_high, rel=1e-9))
+
+
+def test_reproduces_proc_variances_on_asah() -> None:
+    """`var(roc(...))` (DeLong) for each marker, as pROC's test-var.R expects it; AUROCs as pROC prints them."""
+    data = pd.read_csv(ASAH)
+    aurocs, covariance = delong_covariance(data.poor_outcome.to_numpy(), data[["wfns", "ndka", "s100b"]].to_numpy().T)
+    np.testing.assert_allclose(np.diag(covariance), [0.00146991470882363, 0.0031908105493913, 0.00266868245717244], rtol=1e-10)
+    np.testing.assert_allclose(aurocs, [0.8237, 0.6120, 0.7314], atol=5e-5)
