@@ -119,11 +119,25 @@ TUNE = ["tune", "--preset", "demo", "--val-anomaly-type", "nodule", "--folds", "
         *sets("--search-set", {**TINY_SEARCH, "max_iters": 60, "val_every": 20, "patience": 5})]
 
 
+def wait_for_a_fresh_trial(storage: Path, run: Running, timeout: float = 120) -> None:
+    """Signal only once a trial asked after the first finished is running: a trial about to end when
+    the signal comes is kept (as it should be), so an older one alone may leave nothing to mark."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.process.poll() is None, f"exited {run.process.returncode} before a third trial started:\n{run.output[-4000:]}"
+        running = optuna.load_study(study_name="signals", storage=f"sqlite:///{storage}").get_trials(states=(TrialState.RUNNING,))
+        if any(t.number >= 2 for t in running):  # trials 0 and 1 start together (2 workers)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no third trial running within {timeout} s:\n{run.output[-4000:]}")
+
+
 def test_sigterm_to_dpa_tune_marks_running_trials_and_the_rerun_requeues_them(project: Path, env: dict[str, str]) -> None:
     run = Running(TUNE, env)
     plan = run.wait_for(r"plan: 4 trials × 2 folds × at most (\d+) iterations = (\d+) iterations; warm-up ([\d.]+) s/iteration")
     assert int(plan.group(2)) <= 4 * 2 * int(plan.group(1)) and float(plan.group(3)) > 0
     run.wait_for(r"trial \d+ mean CV AUROC [\d.]+ — 1/4 done, best so far [\d.]+ \(trial \d+\); elapsed \S+, about \S+ left")
+    wait_for_a_fresh_trial(project / "optuna.db", run)
     seconds = run.stop(signal.SIGTERM)
     assert seconds < STOP_WITHIN_S and run.process.returncode == 128 + signal.SIGTERM, run.output[-4000:]
     study = optuna.load_study(study_name="signals", storage=f"sqlite:///{project / 'optuna.db'}")
