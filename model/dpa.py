@@ -25,6 +25,9 @@ from model.perceptual import (
 from model.progressive import Stage, downsample, stage_input
 
 FORMAT_VERSION = 1
+MEMORY_FORMAT = torch.channels_last
+"""Of the weights and of the images fed in, on every device: CUDA's tensor cores want it, and on CPU
+mkldnn runs a whole training step ~1.2× faster than in NCHW (benchmarks/train_throughput.py)."""
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,7 @@ class DPA(nn.Module):
         self.feature_stats = resolve_feature_stats(cfg.loss.feature_stats, vgg.description)
         if self.feature_stats == "imagenet":
             self.perceptual.set_stats(reference_feature_stats(self.perceptual.layers))
+        self.to(memory_format=MEMORY_FORMAT)
 
     @classmethod
     def build(cls, cfg: DPAConfig) -> DPA:

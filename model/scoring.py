@@ -6,19 +6,18 @@ from collections.abc import Callable
 
 import torch
 
-from model.dpa import DPA
+from model.dpa import DPA, MEMORY_FORMAT
 from model.trainer import autocast
 
 
 def _batched(dpa: DPA, images: torch.Tensor, batch_size: int, fn: Callable) -> tuple[torch.Tensor, ...]:
     """Run `fn` (returning one tensor or a tuple) batch by batch; concatenate each output on the CPU."""
     device = next(dpa.parameters()).device
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     dpa.eval()
     outputs = []
     with torch.inference_mode(), autocast(device, dpa.cfg.train.bf16):
         for batch in images.split(batch_size):
-            result = fn(batch.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+            result = fn(batch.to(device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT))
             outputs.append(tuple(t.float().cpu() for t in (result if isinstance(result, tuple) else (result,))))
     if not outputs:
         return (torch.empty(0),)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from model.batches import BatchSampler, apply_augment, augment, is_deterministic
 from model.config import AugmentConfig, DPAConfig
 from model.distributed import World, data_parallel
-from model.dpa import DPA, to_model_range
+from model.dpa import DPA, MEMORY_FORMAT, to_model_range
 from model.feature_cache import FeatureCache
 from model.perceptual import training_feature_stats
 from model.progressive import Stage, stage_schedule
@@ -103,11 +103,10 @@ class Trainer:
                 "with more than one, train through the training task (it starts torchrun), else set it to 1"
             )
         self.device = select_device(cfg.train.device)
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.images = images.to(self.device)
         with _BUILD_LOCK:  # another thread's seeding must not land in the middle of this build
             torch.manual_seed(cfg.train.seed)  # whatever draws from the global RNG starts the same every run
-            self.dpa = (dpa or seeded_dpa(cfg)).to(self.device, memory_format=self.memory_format)
+            self.dpa = (dpa or seeded_dpa(cfg)).to(self.device)
         self.stages = stage_schedule(cfg)
         self.total_iterations = sum(s.iters for s in self.stages)
         self.checkpoint_dir = checkpoint_dir
@@ -170,7 +169,7 @@ class Trainer:
         idx, draws = self.sampler.next()
         idx, draws = self.world.share(idx), {k: self.world.share(v) for k, v in draws.items()}
         x = apply_augment(self.images[idx], self.cfg.network.max_res, draws)
-        return idx, to_model_range(x).contiguous(memory_format=self.memory_format)
+        return idx, to_model_range(x).contiguous(memory_format=MEMORY_FORMAT)
 
     def _alpha(self, stage: Stage) -> torch.Tensor | None:
         """α of this step as a device tensor, sliced from the stage's precomputed ramp (no host copy)."""
