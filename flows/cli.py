@@ -12,9 +12,19 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
+from model.cpu_malloc import keep_freed_memory
+
 app = typer.Typer(help="Deep Perceptual Autoencoder pipeline for anomaly detection in medical images.", no_args_is_help=True)
+
 data_app = typer.Typer(help="Create, import and validate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def _before_any_command() -> None:
+    """Set up malloc while this is the only thread, so the task threads that train share its setting."""
+    keep_freed_memory()
+
 
 OverrideOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a preset value: dotted.key=YAML value (repeatable)")

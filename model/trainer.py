@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from model.batches import BatchSampler, apply_augment, augment, is_deterministic
 from model.config import AugmentConfig, DPAConfig
+from model.cpu_malloc import keep_freed_memory
 from model.distributed import World, data_parallel
 from model.dpa import DPA, MEMORY_FORMAT, to_model_range
 from model.feature_cache import FeatureCache
@@ -103,6 +104,8 @@ class Trainer:
                 "with more than one, train through the training task (it starts torchrun), else set it to 1"
             )
         self.device = select_device(cfg.train.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.images = images.to(self.device)
         with _BUILD_LOCK:  # another thread's seeding must not land in the middle of this build
             torch.manual_seed(cfg.train.seed)  # whatever draws from the global RNG starts the same every run

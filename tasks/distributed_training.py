@@ -29,6 +29,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from model.config import DPAConfig
+from model.cpu_malloc import GLIBC_TUNABLES
 from model.distributed import process_group
 from model.dpa import DPA, load_dpa, save_dpa
 from model.progressive import Stage
@@ -76,6 +77,7 @@ def _environment(nproc: int) -> dict[str, str]:
     """The ranks import this checkout's code; CPU threads are shared out (torchrun's default is 1 each)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # model.cpu_malloc; GPU ranks keep their big blocks on the device
     return env
 
 
