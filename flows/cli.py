@@ -15,7 +15,6 @@ import yaml
 from model.cpu_malloc import keep_freed_memory
 
 app = typer.Typer(help="Deep Perceptual Autoencoder pipeline for anomaly detection in medical images.", no_args_is_help=True)
-
 data_app = typer.Typer(help="Create, import and validate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
