@@ -184,7 +184,7 @@ class RelativePerceptualLoss(nn.Module):
         """Raw (unstandardised) ReLU features of a [-1,1] image at the requested layers."""
         out, wanted = {}, {RELU_INDEX[l]: l for l in layers}
         h = to_vgg_input(x, self.imagenet_mean.to(x.dtype), self.imagenet_std.to(x.dtype))
-        h = h.contiguous(memory_format=torch.channels_last)  # as the DPA's weights; a gray image's 3 channels are one expanded
+        h = h.contiguous(memory_format=torch.channels_last)  # as the DPA; a gray image's 3 channels are one expanded
         for i, module in enumerate(self.vgg[: max(wanted) + 1]):
             h = module(h)
             if i in wanted:
