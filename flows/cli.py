@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,11 @@ app.add_typer(data_app, name="data")
 
 @app.callback()
 def _before_any_command() -> None:
-    """Set up malloc while this is the only thread, so the task threads that train share its setting."""
+    """Set up malloc while this is the only thread, so the task threads that train share its setting;
+    give Prefect's temporary server (a command run without PREFECT_API_URL) time to start: its 20 s
+    default is too short for the first start of a fresh install on 2 cores (seen in `make demo`)."""
     keep_freed_memory()
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 OverrideOpt = Annotated[
