@@ -15,8 +15,8 @@ from model.config import AugmentConfig
 
 
 def is_deterministic(cfg: AugmentConfig, stored_res: int, size: int) -> bool:
-    """Whether an image's training input is the same every time it is drawn (no random crop or flip)."""
-    return not (cfg.hflip or cfg.vflip or (cfg.random_crop and stored_res > size))
+    """Whether an image's training input is the same every time it is drawn (frozen draws, or no random crop or flip)."""
+    return cfg.frozen or not (cfg.hflip or cfg.vflip or (cfg.random_crop and stored_res > size))
 
 
 def draw_augment(n: int, h: int, w: int, size: int, cfg: AugmentConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -70,6 +70,10 @@ class BatchSampler:
         self.h, self.w, self.size, self.augment_cfg = images_shape[-2], images_shape[-1], size, augment_cfg
         self.frozen = self._draw_augment() if augment_cfg.frozen else None
         self._set_plan(self._draw_plan(), 0)
+
+    def fixed_draws(self, images: slice) -> dict[str, torch.Tensor]:
+        """The frozen draws of a range of images, on the device (none where the input is not augmented)."""
+        return {} if self.frozen is None else {k: v[images].to(self.device) for k, v in self.frozen.items()}
 
     def _draw_augment(self) -> dict[str, torch.Tensor]:
         return draw_augment(self.n, self.h, self.w, self.size, self.augment_cfg, self.generator)

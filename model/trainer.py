@@ -126,7 +126,7 @@ class Trainer:
             self._fit_feature_stats()
         cacheable = is_deterministic(cfg.train.augment, images.shape[-1], cfg.network.max_res)
         self.cache = (
-            FeatureCache(self.dpa, self.images, cfg.train.feature_cache_mb, self._autocast)
+            FeatureCache(self.dpa, len(self.images), self._fixed_input, cfg.train.feature_cache_mb, self._autocast)
             if cacheable and cfg.train.feature_cache_mb > 0 else None
         )
         self._alphas: dict[int, torch.Tensor] = {}
@@ -171,8 +171,15 @@ class Trainer:
         """This rank's share of the next global batch: its image indices and the model input."""
         idx, draws = self.sampler.next()
         idx, draws = self.world.share(idx), {k: self.world.share(v) for k, v in draws.items()}
-        x = apply_augment(self.images[idx], self.cfg.network.max_res, draws)
-        return idx, to_model_range(x).contiguous(memory_format=MEMORY_FORMAT)
+        return idx, self._model_input(self.images[idx], draws)
+
+    def _fixed_input(self, images: slice) -> torch.Tensor:
+        """The model input of a range of images whose input is the same at every draw (what the cache holds)."""
+        return self._model_input(self.images[images], self.sampler.fixed_draws(images))
+
+    def _model_input(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = apply_augment(images, self.cfg.network.max_res, draws)
+        return to_model_range(x).contiguous(memory_format=MEMORY_FORMAT)
 
     def _alpha(self, stage: Stage) -> torch.Tensor | None:
         """α of this step as a device tensor, sliced from the stage's precomputed ramp (no host copy)."""

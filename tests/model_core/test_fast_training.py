@@ -39,6 +39,11 @@ CASES = {
     "random_crop": (
         tiny_config(res=16, augment={"random_crop": True, "hflip": True, "vflip": True}), 24, Stage("stab", 16, 4), None, False
     ),
+    "frozen_crop": (
+        tiny_config(res=16, initial_res=8, stab_iters=2, trns_iters=4,
+                    augment={"random_crop": True, "hflip": True, "vflip": True, "frozen": True}),
+        24, Stage("trns", 16, 4), 1, True,
+    ),
 }
 
 
