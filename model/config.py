@@ -159,7 +159,8 @@ class TrainConfig(BaseModel):
     log_every: int = 10
     score_batch_size: int = 32
     feature_cache_mb: int = Field(
-        4096, ge=0, description="device memory for caching the input's VGG features when the input is deterministic (0: off)"
+        4096, ge=0, description="device memory for caching the input's VGG features when the input is the same at every draw "
+        "(no random crop/flip, or frozen augmentation; 0: off)"
     )
     compile: bool = Field(False, description="torch.compile the training loss (falls back to eager, logged, if it fails)")
     nproc_per_node: int = Field(
