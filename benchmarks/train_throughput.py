@@ -45,12 +45,13 @@ def measure(args: argparse.Namespace, world: World, cache: bool, compile_: bool)
     trainer.fit(until=args.warmup + args.iters)
     sync(trainer.device)
     seconds = time.perf_counter() - start
-    trainer._loss_fn = trainer._eager_loss  # count the eager step: the same arithmetic
+    compiled = trainer._compiled_loss is not None  # False where compile failed and training fell back
+    trainer._compiled_loss = None  # count the eager step: the same arithmetic
     with FlopCounterMode(display=False) as counter:
         trainer.fit(until=args.warmup + args.iters + 1)
     ms = 1000 * seconds / args.iters
     return {
-        "device": trainer.device, "cfg": cfg, "cache": cache and getattr(trainer, "cache", None) is not None, "compile": compile_,
+        "device": trainer.device, "cfg": cfg, "cache": cache and getattr(trainer, "cache", None) is not None, "compile": compiled,
         "images_per_s": args.iters * bs / seconds, "ms_per_step": ms,
         "tflops": world.size * counter.get_total_flops() / (ms / 1000) / 1e12,
     }

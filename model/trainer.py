@@ -10,7 +10,6 @@ one `torch.Generator`, which a checkpoint stores, so "train N, stop, resume, tra
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -132,26 +131,18 @@ class Trainer:
         self._alphas: dict[int, torch.Tensor] = {}
         multi_resolution = cfg.initial_res < cfg.network.max_res
         self._eager_loss = data_parallel(self.dpa, multi_resolution) if self.world.joined else self.dpa.stage_loss
-        self._loss_fn = self._compiled_loss() if cfg.train.compile else self._eager_loss
+        self._compiled_loss = self._compile(self._eager_loss) if cfg.train.compile else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.cfg.train.bf16)
 
-    def _compiled_loss(self) -> Callable:
-        """torch.compile of the loss; the first failure (no compiler, unsupported op) falls back to eager."""
-        compiled = torch.compile(self._eager_loss, dynamic=False)
-
-        @functools.wraps(self.dpa.stage_loss)
-        def loss_fn(*args, **kwargs):
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - inductor/dynamo raise many types; all mean "run eager"
-                log.warning("train.compile: torch.compile failed (%s: %s); training continues eagerly",
-                            type(err).__name__, err)
-                self._loss_fn = self._eager_loss
-                return self._eager_loss(*args, **kwargs)
-
-        return loss_fn
+    def _compile(self, loss_fn: Callable) -> Callable:
+        """torch.compile of the loss, with CUDA graphs on a single GPU (they do not mix with DDP's
+        hooks). Each stage compiles its own graph, so the recompile limit must cover the schedule."""
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(self.stages))
+        cuda_graphs = self.device.type == "cuda" and not self.world.joined
+        return torch.compile(loss_fn, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -208,13 +199,29 @@ class Trainer:
         if self.optimizer is None:  # a new Adam at every stage, as the reference does
             self.optimizer = self._new_optimizer()
         idx, x = self._batch()
-        cached = self._cached(stage, idx)
-        with self._autocast():
-            loss = self._loss_fn(x, stage, self._alpha(stage), cached)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        inputs = (x, stage, self._alpha(stage), self._cached(stage, idx))
+        if self._compiled_loss is None:
+            loss = self._backward(self._eager_loss, inputs)
+        else:
+            try:
+                torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step may be reused
+                loss = self._backward(self._compiled_loss, inputs)
+            except Exception as err:  # noqa: BLE001 - dynamo/inductor raise many types, in forward or in the lazily compiled backward
+                log.warning("train.compile: the compiled step failed (%s: %s); this step and the rest run eagerly",
+                            type(err).__name__, err)
+                self._compiled_loss = None
+                loss = self._backward(self._eager_loss, inputs)
         self.optimizer.step()
         return loss.detach()
+
+    def _backward(self, loss_fn: Callable, inputs: tuple) -> torch.Tensor:
+        """The batch's loss, its gradients left in the parameters' .grad (cleared first, so a failed
+        compiled attempt leaves nothing behind)."""
+        with self._autocast():
+            loss = loss_fn(*inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
 
     def _advance(self, stage: Stage) -> None:
         self.iteration += 1

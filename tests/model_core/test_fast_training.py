@@ -116,3 +116,39 @@ def test_resume_is_exact_with_random_crops_and_flips(tmp_path, frozen: bool) -> 
     resumed = Trainer(cfg, images, checkpoint_dir=tmp_path, progress=False).fit()
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_compiled_training_matches_eager() -> None:
+    """train.compile (inductor; C++ kernels on CPU) trains the eager model to float32 rounding, without falling back."""
+    images = blob_images(24, 8, seed=0)
+    eager = Trainer(tiny_config(res=8, stab_iters=3), images, progress=False).fit()
+    trainer = Trainer(tiny_config(res=8, stab_iters=3, compile=True), images, progress=False)
+    compiled = trainer.fit()
+    assert trainer._compiled_loss is not None
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+class _BackwardFails(torch.autograd.Function):
+    """What a compiled step whose backward graph (compiled lazily, at the first backward) breaks looks like."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor) -> torch.Tensor:
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("backward compilation failed")
+
+
+def test_a_compiled_step_failing_in_backward_falls_back_to_the_eager_step(monkeypatch, caplog) -> None:
+    images = blob_images(24, 8, seed=0)
+    eager = Trainer(tiny_config(res=8, stab_iters=3), images, progress=False).fit()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda *args: _BackwardFails.apply(fn(*args)))
+    trainer = Trainer(tiny_config(res=8, stab_iters=3, compile=True), images, progress=False)
+    with caplog.at_level(logging.WARNING, logger="model.trainer"):
+        fallen_back = trainer.fit()
+    assert "the compiled step failed (RuntimeError: backward compilation failed)" in caplog.text
+    assert trainer._compiled_loss is None
+    for key, value in eager.state_dict().items():  # the failed step was redone from the same batch
+        assert torch.equal(fallen_back.state_dict()[key], value), key
