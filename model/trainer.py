@@ -138,9 +138,12 @@ class Trainer:
 
     def _compile(self, loss_fn: Callable) -> Callable:
         """torch.compile of the loss, with CUDA graphs on a single GPU (they do not mix with DDP's
-        hooks). Each stage compiles its own graph, so the recompile limit must cover the schedule."""
+        hooks). Each stage compiles its own graph and trainers in one process share the compiled-code
+        cache, so every trainer raises the recompile limit by its schedule; past it, dynamo fails
+        (and training falls back, logged) instead of running eagerly unseen."""
         dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(self.stages))
+        dynamo.recompile_limit += 2 * len(self.stages)
+        dynamo.fail_on_recompile_limit_hit = True
         cuda_graphs = self.device.type == "cuda" and not self.world.joined
         return torch.compile(loss_fn, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
@@ -200,19 +203,30 @@ class Trainer:
             self.optimizer = self._new_optimizer()
         idx, x = self._batch()
         inputs = (x, stage, self._alpha(stage), self._cached(stage, idx))
-        if self._compiled_loss is None:
+        loss = self._compiled_backward(inputs) if self._compiled_loss is not None else None
+        if loss is None:
             loss = self._backward(self._eager_loss, inputs)
-        else:
-            try:
-                torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step may be reused
-                loss = self._backward(self._compiled_loss, inputs)
-            except Exception as err:  # noqa: BLE001 - dynamo/inductor raise many types, in forward or in the lazily compiled backward
-                log.warning("train.compile: the compiled step failed (%s: %s); this step and the rest run eagerly",
-                            type(err).__name__, err)
-                self._compiled_loss = None
-                loss = self._backward(self._eager_loss, inputs)
         self.optimizer.step()
         return loss.detach()
+
+    def _compiled_backward(self, inputs: tuple) -> torch.Tensor | None:
+        """`_backward` through the compiled loss; None where compiling failed in one process, which
+        then trains eagerly from this step on (the caller redoes the step from the same batch)."""
+        try:
+            torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step may be reused
+            return self._backward(self._compiled_loss, inputs)
+        except (torch.OutOfMemoryError, torch.AcceleratorError):
+            raise  # the device's trouble, not the compiler's: the eager step would meet it too
+        except Exception as err:  # noqa: BLE001 - dynamo/inductor raise many types, in forward or in the lazily compiled backward
+            if self.world.joined:  # DDP's reducer and the other ranks are mid-step: no rank may redo it alone
+                raise RuntimeError(
+                    f"train.compile: the compiled step failed on rank {self.world.rank} ({type(err).__name__}: {err}); "
+                    "DDP ranks cannot fall back to eager one by one: set train.compile: false"
+                ) from err
+            log.warning("train.compile: the compiled step failed (%s: %s); this step and the rest run eagerly",
+                        type(err).__name__, err)
+            self._compiled_loss = None
+            return None
 
     def _backward(self, loss_fn: Callable, inputs: tuple) -> torch.Tensor:
         """The batch's loss, its gradients left in the parameters' .grad (cleared first, so a failed

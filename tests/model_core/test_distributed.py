@@ -1,5 +1,6 @@
-"""DDP on CPU (gloo, 127.0.0.1): 2 ranks × B/2 take the steps of 1 process × B, and a 2-rank run
-stopped and resumed from its checkpoint ends exactly where an uninterrupted 2-rank run does."""
+"""DDP on CPU (gloo, 127.0.0.1): 2 ranks × B/2 take the steps of 1 process × B, a 2-rank run
+stopped and resumed from its checkpoint ends exactly where an uninterrupted 2-rank run does, and a
+compile failure fails the job."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -67,3 +69,27 @@ def test_two_ranks_equal_one_process_and_resume_exactly(tmp_path: Path) -> None:
     for key in one:
         torch.testing.assert_close(ranks["full"][key], one[key], rtol=0, atol=1e-5, msg=key)
         assert torch.equal(ranks["resumed"][key], ranks["full"][key]), key
+
+
+def _failing_compile(fn, **kwargs):
+    def loss_fn(*args):
+        raise RuntimeError("inductor failed")
+
+    return loss_fn
+
+
+def _rank_with_a_failing_compile(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    torch.compile = _failing_compile
+    cfg = _config(2).model_copy(update={"train": _config(2).train.model_copy(update={"compile": True})})
+    with process_group(torch.device("cpu")):
+        Trainer(cfg, _images(), progress=False, dpa=load_dpa(out / INITIAL)).fit()
+
+
+def test_a_compile_failure_under_ddp_fails_the_job_instead_of_one_rank_falling_back(tmp_path: Path) -> None:
+    """A rank redoing its step eagerly alone would desynchronise DDP's collectives."""
+    save_dpa(seeded_dpa(_config(2)), tmp_path / INITIAL)
+    with pytest.raises(mp.ProcessRaisedException, match=r"failed on rank \d \(RuntimeError: inductor failed\); "
+                                                          r"DDP ranks cannot fall back to eager one by one: set train.compile: false"):
+        mp.spawn(_rank_with_a_failing_compile, args=(_free_port(), tmp_path), nprocs=2)

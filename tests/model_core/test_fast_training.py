@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from model.batches import BatchSampler
 from model.config import AugmentConfig
@@ -118,37 +119,57 @@ def test_resume_is_exact_with_random_crops_and_flips(tmp_path, frozen: bool) -> 
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+
 def test_compiled_training_matches_eager() -> None:
     """train.compile (inductor; C++ kernels on CPU) trains the eager model to float32 rounding, without falling back."""
     images = blob_images(24, 8, seed=0)
-    eager = Trainer(tiny_config(res=8, stab_iters=3), images, progress=False).fit()
-    trainer = Trainer(tiny_config(res=8, stab_iters=3, compile=True), images, progress=False)
+    eager = Trainer(tiny_config(res=8, stab_iters=3, device="cpu"), images, progress=False).fit()
+    counters.clear()
+    trainer = Trainer(tiny_config(res=8, stab_iters=3, device="cpu", compile=True), images, progress=False)
     compiled = trainer.fit()
-    assert trainer._compiled_loss is not None
+    assert trainer._compiled_loss is not None and counters["stats"]["unique_graphs"] >= 1
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 class _BackwardFails(torch.autograd.Function):
-    """What a compiled step whose backward graph (compiled lazily, at the first backward) breaks looks like."""
+    """A compiled loss whose backward graph (compiled lazily, at the first backward) breaks halfway,
+    after one parameter's gradient has been accumulated."""
 
     @staticmethod
-    def forward(ctx, loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, loss: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+        ctx.param = param
         return loss.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> None:
+        ctx.param.grad = torch.ones_like(ctx.param)
         raise RuntimeError("backward compilation failed")
 
 
-def test_a_compiled_step_failing_in_backward_falls_back_to_the_eager_step(monkeypatch, caplog) -> None:
+def _breaking_compile(where: str):
+    """A stand-in for torch.compile whose loss fails in the forward or halfway through the backward."""
+
+    def compile_(fn, **kwargs):
+        def loss_fn(*args):
+            if where == "forward":
+                raise RuntimeError("forward compilation failed")
+            return _BackwardFails.apply(fn(*args), next(p for p in fn.__self__.parameters() if p.requires_grad))
+
+        return loss_fn
+
+    return compile_
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_failing_compiled_step_is_redone_eagerly(monkeypatch, caplog, where: str) -> None:
     images = blob_images(24, 8, seed=0)
-    eager = Trainer(tiny_config(res=8, stab_iters=3), images, progress=False).fit()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda *args: _BackwardFails.apply(fn(*args)))
-    trainer = Trainer(tiny_config(res=8, stab_iters=3, compile=True), images, progress=False)
+    eager = Trainer(tiny_config(res=8, stab_iters=3, device="cpu"), images, progress=False).fit()
+    monkeypatch.setattr(torch, "compile", _breaking_compile(where))
+    trainer = Trainer(tiny_config(res=8, stab_iters=3, device="cpu", compile=True), images, progress=False)
     with caplog.at_level(logging.WARNING, logger="model.trainer"):
         fallen_back = trainer.fit()
-    assert "the compiled step failed (RuntimeError: backward compilation failed)" in caplog.text
+    assert f"the compiled step failed (RuntimeError: {where} compilation failed)" in caplog.text
     assert trainer._compiled_loss is None
-    for key, value in eager.state_dict().items():  # the failed step was redone from the same batch
+    for key, value in eager.state_dict().items():  # the failed step was redone from the same batch, grads cleared
         assert torch.equal(fallen_back.state_dict()[key], value), key
