@@ -76,16 +76,17 @@ def load_study(project: Path) -> optuna.Study:
     return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{project / 'optuna.db'}")
 
 
-def count_complete(db: Path) -> int:
-    """Read-only peek at the study the other process is writing (Optuna's storage would create tables)."""
+def count_states(db: Path) -> dict[str, int]:
+    """Trials per state: a read-only peek at the study the other process is writing (Optuna's
+    storage would create tables)."""
     try:
         with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            return conn.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            return dict(conn.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
     except sqlite3.OperationalError:  # no database or no table yet
-        return 0
+        return {}
 
 
-def kill_when_two_trials_complete(project: Path, read_log: Path, api_url: str) -> list[FrozenTrial]:
+def kill_when_two_trials_complete_and_one_runs(project: Path, read_log: Path, api_url: str) -> list[FrozenTrial]:
     env = {**os.environ, "PREFECT_API_URL": api_url}
     proc = subprocess.Popen([sys.executable, "-c", RUN_RECORDING_LOADER, params().model_dump_json(), str(read_log)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -93,12 +94,13 @@ def kill_when_two_trials_complete(project: Path, read_log: Path, api_url: str) -
     try:
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"the search exited before it was killed:\n{proc.stderr.read()[-3000:]}"
-            if count_complete(project / "optuna.db") >= 2:
+            states = count_states(project / "optuna.db")
+            if states.get("COMPLETE", 0) >= 2 and states.get("RUNNING", 0) >= 1:  # mid-trial, not between trials
                 proc.kill()
                 proc.wait()
                 return load_study(project).get_trials()
-            time.sleep(0.2)
-        raise AssertionError("no two trials completed within 240 s")
+            time.sleep(0.05)
+        raise AssertionError("no two trials completed with a third running within 240 s")
     finally:
         proc.kill()
         proc.stderr.close()
@@ -117,7 +119,7 @@ def resumed(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
         mp.setenv("DPA_PROJECT_DIR", str(project))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
         mp.delenv("DPA_STUDY_STORAGE", raising=False)
-        before_kill = kill_when_two_trials_complete(project, read_log, prefect_server)
+        before_kill = kill_when_two_trials_complete_and_one_runs(project, read_log, prefect_server)
 
         read, train, hand_off = data_layer.preprocessing.read_image, trial_module.train_fold, flows.tuning.training_pipeline
         searching, trainings = [True], []
