@@ -2,8 +2,9 @@
 
 Where the training input of an image is the same every time it is drawn (no random crop or flip,
 or `augment.frozen`: one seeded crop/flip per image), the target side of the perceptual loss is a
-pure function of the image index: caching it turns the VGG work of a step into the x̂ side alone. Features are kept raw, in the dtype the step's pass produces (bf16 under
-autocast), so a lookup returns exactly what the no-graph pass would compute.
+pure function of the image index: caching it turns the VGG work of a step into the x̂ side alone.
+Features are kept raw, in the dtype the step's pass produces (bf16 under autocast), so a lookup
+returns exactly what the no-graph pass would compute.
 """
 
 from __future__ import annotations

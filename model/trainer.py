@@ -203,15 +203,16 @@ class Trainer:
             self.optimizer = self._new_optimizer()
         idx, x = self._batch()
         inputs = (x, stage, self._alpha(stage), self._cached(stage, idx))
-        loss = self._compiled_backward(inputs) if self._compiled_loss is not None else None
-        if loss is None:
+        if self._compiled_loss is None:
             loss = self._backward(self._eager_loss, inputs)
+        else:
+            loss = self._compiled_backward(inputs)
         self.optimizer.step()
         return loss.detach()
 
-    def _compiled_backward(self, inputs: tuple) -> torch.Tensor | None:
-        """`_backward` through the compiled loss; None where compiling failed in one process, which
-        then trains eagerly from this step on (the caller redoes the step from the same batch)."""
+    def _compiled_backward(self, inputs: tuple) -> torch.Tensor:
+        """`_backward` through the compiled loss. Where compiling fails in one process, the step is
+        redone eagerly from the same batch and the rest of the run stays eager."""
         try:
             torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step may be reused
             return self._backward(self._compiled_loss, inputs)
@@ -226,7 +227,7 @@ class Trainer:
             log.warning("train.compile: the compiled step failed (%s: %s); this step and the rest run eagerly",
                         type(err).__name__, err)
             self._compiled_loss = None
-            return None
+        return self._backward(self._eager_loss, inputs)
 
     def _backward(self, loss_fn: Callable, inputs: tuple) -> torch.Tensor:
         """The batch's loss, its gradients left in the parameters' .grad (cleared first, so a failed

@@ -22,11 +22,11 @@ INITIAL = "initial.pt"
 STOP_AT = 7  # mid-transition: the α ramp, the sampler's plan and Adam's moments all resume
 
 
-def _config(nproc: int):
+def _config(nproc: int, **train):
     """20 steps with progressive growing: stab@8 (cached features; the 16 heads unused), trns@16
     (the smooth loss), stab@16."""
     return tiny_config(res=16, initial_res=8, stab_iters=5, trns_iters=5, iters_per_res={16: {"stab": 10}},
-                       batch_size=8, log_every=5, nproc_per_node=nproc)
+                       batch_size=8, log_every=5, nproc_per_node=nproc, **train)
 
 
 def _images() -> torch.Tensor:
@@ -82,9 +82,8 @@ def _rank_with_a_failing_compile(rank: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     torch.compile = _failing_compile
-    cfg = _config(2).model_copy(update={"train": _config(2).train.model_copy(update={"compile": True})})
     with process_group(torch.device("cpu")):
-        Trainer(cfg, _images(), progress=False, dpa=load_dpa(out / INITIAL)).fit()
+        Trainer(_config(2, compile=True), _images(), progress=False, dpa=load_dpa(out / INITIAL)).fit()
 
 
 def test_a_compile_failure_under_ddp_fails_the_job_instead_of_one_rank_falling_back(tmp_path: Path) -> None:

@@ -119,17 +119,20 @@ def test_resume_is_exact_with_random_crops_and_flips(tmp_path, frozen: bool) -> 
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+@pytest.fixture(scope="module")
+def eager_tiny_model() -> dict[str, torch.Tensor]:
+    """The weights eager training gives the tiny 8×8 run the compile tests compare against."""
+    return Trainer(tiny_config(res=8, stab_iters=3, device="cpu"), blob_images(24, 8, seed=0), progress=False).fit().state_dict()
 
-def test_compiled_training_matches_eager() -> None:
+
+def test_compiled_training_matches_eager(eager_tiny_model) -> None:
     """train.compile (inductor; C++ kernels on CPU) trains the eager model to float32 rounding, without falling back."""
-    images = blob_images(24, 8, seed=0)
-    eager = Trainer(tiny_config(res=8, stab_iters=3, device="cpu"), images, progress=False).fit()
     counters.clear()
-    trainer = Trainer(tiny_config(res=8, stab_iters=3, device="cpu", compile=True), images, progress=False)
-    compiled = trainer.fit()
+    trainer = Trainer(tiny_config(res=8, stab_iters=3, device="cpu", compile=True), blob_images(24, 8, seed=0), progress=False)
+    compiled = trainer.fit().state_dict()
     assert trainer._compiled_loss is not None and counters["stats"]["unique_graphs"] >= 1
-    for key, value in eager.state_dict().items():
-        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in eager_tiny_model.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 class _BackwardFails(torch.autograd.Function):
@@ -162,14 +165,12 @@ def _breaking_compile(where: str):
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
-def test_a_failing_compiled_step_is_redone_eagerly(monkeypatch, caplog, where: str) -> None:
-    images = blob_images(24, 8, seed=0)
-    eager = Trainer(tiny_config(res=8, stab_iters=3, device="cpu"), images, progress=False).fit()
+def test_a_failing_compiled_step_is_redone_eagerly(monkeypatch, caplog, eager_tiny_model, where: str) -> None:
     monkeypatch.setattr(torch, "compile", _breaking_compile(where))
-    trainer = Trainer(tiny_config(res=8, stab_iters=3, device="cpu", compile=True), images, progress=False)
+    trainer = Trainer(tiny_config(res=8, stab_iters=3, device="cpu", compile=True), blob_images(24, 8, seed=0), progress=False)
     with caplog.at_level(logging.WARNING, logger="model.trainer"):
-        fallen_back = trainer.fit()
+        fallen_back = trainer.fit().state_dict()
     assert f"the compiled step failed (RuntimeError: {where} compilation failed)" in caplog.text
     assert trainer._compiled_loss is None
-    for key, value in eager.state_dict().items():  # the failed step was redone from the same batch, grads cleared
-        assert torch.equal(fallen_back.state_dict()[key], value), key
+    for key, value in eager_tiny_model.items():  # the failed step was redone from the same batch, grads cleared
+        assert torch.equal(fallen_back[key], value), key
