@@ -1,8 +1,11 @@
 """Real processes for the integration tests: PostgreSQL databases, a Prefect server on PostgreSQL,
-and CLI calls against it.
+CLI calls against it, and one `dpa up` stack.
 
-The Prefect server starts once per session (it takes ~20 s) on 127.0.0.1 with its own
-PREFECT_HOME and a fresh PostgreSQL database that is dropped afterwards.
+The Prefect server starts once for this package (it takes ~20 s; it stops after the package, so
+it takes no CPU from the rest of the suite) on 127.0.0.1 with its own PREFECT_HOME and a fresh
+PostgreSQL database that is dropped afterwards. The `dpa up` stack (50-90 s on 2 cores) is shared
+too, by test_stack.py and the browser test; the test that stops it is marked `ends_shared_stack`
+and runs after every other test that uses it.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class PrefectServer:
         return response.json()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """`prefect server start` on PostgreSQL (asyncpg). The scheduler service is off, so no
     scheduled run is created behind a test's back; schedules are still stored and checked."""
@@ -137,3 +140,21 @@ def dpa_stack(root: Path, *, prefect_db: str = "sqlite") -> Iterator[tuple["Stac
         yield stack, env
     finally:
         subprocess.run([str(BIN / "dpa"), "down"], env=env, cwd=REPO, capture_output=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="package")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple["Stack", dict[str, str]]]:
+    """`dpa up` with its Prefect server on a fresh PostgreSQL database, as in production."""
+    with postgres_database("dpa_stack") as database:
+        with dpa_stack(tmp_path_factory.mktemp("stack"), prefect_db=postgres_url(database, "postgresql+asyncpg")) as up:
+            yield up
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the tests that stop the shared stack to just after the last other test that uses it."""
+    enders = [item for item in items if item.get_closest_marker("ends_shared_stack")]
+    others = [item for item in items if item not in enders]
+    users = [i for i, item in enumerate(others) if "stack" in getattr(item, "fixturenames", ())]
+    if enders and users:
+        after_last_user = users[-1] + 1
+        items[:] = others[:after_last_user] + enders + others[after_last_user:]

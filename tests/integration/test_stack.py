@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,16 +16,9 @@ import pytest
 
 from tasks.servers import HOST, free_port
 from tasks.stack import LOCAL_POSTGRES, Stack, StackError, prefect_database_url, read_stack, running_processes, up
-from tests.integration.conftest import BIN, REPO, drop_database, dpa_stack, postgres_database, postgres_url, run_command
+from tests.integration.conftest import BIN, REPO, drop_database, run_command
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[str, str]]]:
-    with postgres_database("dpa_stack") as database:
-        with dpa_stack(tmp_path_factory.mktemp("stack"), prefect_db=postgres_url(database, "postgresql+asyncpg")) as up:
-            yield up
 
 
 def test_up_serves_both_uis_deployments_and_a_worker(stack: tuple[Stack, dict[str, str]]) -> None:
@@ -56,6 +48,7 @@ def test_second_up_is_refused(stack: tuple[Stack, dict[str, str]]) -> None:
     assert len(running_processes(running)) == 3
 
 
+@pytest.mark.ends_shared_stack
 def test_down_leaves_no_process_behind(stack: tuple[Stack, dict[str, str]]) -> None:
     running, env = stack
     tree = [psutil.Process(p.pid) for p in running.processes]

@@ -1,7 +1,8 @@
 """The UI path in a real browser (Debian's Chromium driven by Playwright, no browser download): `dpa up`
-brings up the stack, a person starts a custom `train-on-demand` run through the generated form (preset
-chosen in the drop-down, tiny overrides typed into the overrides editor, a model name), the stack's
-worker runs it, and the MLflow UI shows the run's test AUROC and the registered version with its alias.
+brings up the stack (the one test_stack.py checks, shared), a person starts a custom `train-on-demand`
+run through the generated form (preset chosen in the drop-down, tiny overrides typed into the overrides
+editor, a model name), the stack's worker runs it, and the MLflow UI shows the run's test AUROC and
+the registered version with its alias.
 
 Screenshots (the form, the finished flow run, the MLflow model page) are kept in the test's tmp folder.
 """
@@ -21,7 +22,6 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tasks.config import PRESETS
 from tasks.stack import Stack
-from tests.integration.conftest import dpa_stack
 from tests.tiny import TINY_OVERRIDES
 
 pytestmark = pytest.mark.integration
@@ -77,38 +77,40 @@ def wait_finished(stack: Stack, flow_run_id: str) -> dict:
     raise AssertionError(f"flow run {flow_run_id} not finished after {RUN_TIMEOUT_S}s")
 
 
-def test_custom_run_from_the_prefect_ui_reaches_the_mlflow_ui(browser: Browser, tmp_path: Path) -> None:
+def test_custom_run_from_the_prefect_ui_reaches_the_mlflow_ui(
+    browser: Browser, stack: tuple[Stack, dict[str, str]], tmp_path: Path
+) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
     model_name = f"dpa-ui-{uuid.uuid4().hex[:8]}"
-    with dpa_stack(tmp_path) as (stack, env):
-        deployments = httpx.post(f"{stack.api_url}/deployments/filter", json={}, timeout=30).json()
-        deployment_id = next(d["id"] for d in deployments if d["name"] == "train-on-demand")
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    running, _ = stack  # the shared `dpa up` (tests/integration/conftest.py)
+    deployments = httpx.post(f"{running.api_url}/deployments/filter", json={}, timeout=30).json()
+    deployment_id = next(d["id"] for d in deployments if d["name"] == "train-on-demand")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
 
-        flow_run_id = fill_run_form(page, stack, deployment_id, model_name, shots)
-        params = httpx.get(f"{stack.api_url}/flow_runs/{flow_run_id}", timeout=30).json()["parameters"]["params"]
-        assert params["preset"] == "demo" and params["model_name"] == model_name
-        assert params["overrides"]["dpa.train.stab_iters"] == TINY_OVERRIDES["dpa.train.stab_iters"]
+    flow_run_id = fill_run_form(page, running, deployment_id, model_name, shots)
+    params = httpx.get(f"{running.api_url}/flow_runs/{flow_run_id}", timeout=30).json()["parameters"]["params"]
+    assert params["preset"] == "demo" and params["model_name"] == model_name
+    assert params["overrides"]["dpa.train.stab_iters"] == TINY_OVERRIDES["dpa.train.stab_iters"]
 
-        state = wait_finished(stack, flow_run_id)
-        worker_log = Path(next(p.log for p in stack.processes if p.name == "worker")).read_text(errors="replace")
-        assert state["type"] == "COMPLETED", f"{state}\n{worker_log[-5000:]}"
-        page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}", timeout=120_000)
-        expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
-        page.screenshot(path=shots / "flow-run.png", full_page=True)
+    state = wait_finished(running, flow_run_id)
+    worker_log = Path(next(p.log for p in running.processes if p.name == "worker")).read_text(errors="replace")
+    assert state["type"] == "COMPLETED", f"{state}\n{worker_log[-5000:]}"
+    page.goto(f"{running.prefect_url}/runs/flow-run/{flow_run_id}", timeout=120_000)
+    expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=shots / "flow-run.png", full_page=True)
 
-        client = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
-        version = client.get_model_version_by_alias(model_name, "challenger")
-        run = client.get_run(version.run_id)
-        auroc = run.data.metrics["test_auroc"]
+    client = MlflowClient(tracking_uri=running.mlflow_url, registry_uri=running.mlflow_url)
+    version = client.get_model_version_by_alias(model_name, "challenger")
+    run = client.get_run(version.run_id)
+    auroc = run.data.metrics["test_auroc"]
 
-        page.goto(f"{stack.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}", timeout=120_000)
-        expect(page.get_by_text("test_auroc").first).to_be_visible(timeout=120_000)
-        expect(page.get_by_text(str(round(auroc, 3))[:4]).first).to_be_visible(timeout=30_000)
-        page.screenshot(path=shots / "mlflow-run.png", full_page=True)
+    page.goto(f"{running.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}", timeout=120_000)
+    expect(page.get_by_text("test_auroc").first).to_be_visible(timeout=120_000)
+    expect(page.get_by_text(str(round(auroc, 3))[:4]).first).to_be_visible(timeout=30_000)
+    page.screenshot(path=shots / "mlflow-run.png", full_page=True)
 
-        page.goto(f"{stack.mlflow_url}/#/models/{model_name}", timeout=120_000)
-        expect(page.get_by_text(f"Version {version.version}").first).to_be_visible(timeout=120_000)
-        expect(page.get_by_text("challenger").first).to_be_visible(timeout=30_000)
-        page.screenshot(path=shots / "mlflow-model.png", full_page=True)
+    page.goto(f"{running.mlflow_url}/#/models/{model_name}", timeout=120_000)
+    expect(page.get_by_text(f"Version {version.version}").first).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("challenger").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=shots / "mlflow-model.png", full_page=True)
