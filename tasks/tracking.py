@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
+from urllib.parse import unquote
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -36,15 +38,21 @@ def configure_tracking() -> str:
 
 
 def ensure_experiment(name: str) -> str:
-    """The experiment's id; created with project-local artifacts when the embedded store is used."""
+    """The experiment's id. A new experiment in a SQLite store keeps its artifacts beside the database
+    (`mlartifacts/<name>`; for the embedded store, in the project): MLflow's default, `./mlruns` of
+    whatever directory the process runs in, would scatter them over workers' working directories."""
     client = MlflowClient()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    # (not judged by MLFLOW_TRACKING_URI: mlflow.set_tracking_uri exports it)
-    embedded = mlflow.get_tracking_uri() == embedded_tracking_uri()
-    location = (project_dir() / "mlartifacts" / name).as_uri() if embedded else None
+    database = sqlite_database(mlflow.get_tracking_uri())  # (not MLFLOW_TRACKING_URI: set_tracking_uri exports it)
+    location = (database.parent / "mlartifacts" / name).as_uri() if database else None
     return client.create_experiment(name, artifact_location=location)
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a `sqlite:///<path>` tracking URI; None for a server or any other store."""
+    return Path(unquote(uri.removeprefix("sqlite:///"))).resolve() if uri.startswith("sqlite:///") else None
 
 
 def log_config_params(config: dict, run_id: str | None = None) -> None:
