@@ -33,7 +33,8 @@ from flows.training import config_digest
 from tasks.benchmark_cells import BenchmarkCell, load_record, run_cell, save_record
 from tasks.benchmark_data import load_config, prepare_dataset, preset_files, source_digest
 from tasks.benchmark_table import benchmark_table, log_table, markdown, write_table
-from tasks.config import RunConfig, project_dir
+from tasks.config import RunConfig
+from tasks.paths import project_dir
 from tasks.preprocessing import preprocess
 from tasks.seeds import seed_config, seed_list
 from tasks.task_runners import make_task_runner

@@ -104,7 +104,7 @@ DEMO_WEIGHTS_NOTE = (
 def demo() -> None:
     """The main job on the embedded default: synthetic phantoms, offline, on CPU, a few minutes."""
     from flows.training import baseline_line, training_pipeline
-    from tasks.config import project_dir
+    from tasks.paths import project_dir
     from tasks.tracking import tracking_uri
 
     s = training_pipeline(_params("demo", None, None, None))
@@ -249,7 +249,8 @@ def data_import(
     """Import a source into the manifest format; importer options via --set (see README)."""
     from data_layer.validation import ensure_valid
     from data_layer.versioning import commit_dataset, init_repo
-    from tasks.config import DataSource, project_dir
+    from tasks.config import DataSource
+    from tasks.paths import project_dir
     from tasks.data import import_to
 
     source = DataSource.model_validate({"importer": kind, **parse_overrides(overrides)})

@@ -20,11 +20,12 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from tasks.config import PipelineParams, RunConfig, project_dir, resolve_run_config
+from tasks.config import PipelineParams, RunConfig, resolve_run_config
 from tasks.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
 from tasks.baseline_evaluation import baseline_metrics
 from tasks.evaluation import ModelEvaluation, evaluate
 from tasks.lineage import log_dataset_input
+from tasks.paths import project_dir
 from tasks.preprocessing import PreprocessedDataset, preprocess
 from tasks.registry import GateRule, promote_model, register_model
 from tasks.seeds import SeedCandidate, final_train_loss, seed_config, seed_list, seed_spread, select_seed

@@ -25,10 +25,11 @@ from prefect.futures import PrefectFuture, wait
 from pydantic import Field
 
 from flows.training import resolve_data, training_pipeline
-from tasks.config import DataSource, PipelineParams, RunConfig, project_dir, resolve_run_config
+from tasks.config import DataSource, PipelineParams, RunConfig, resolve_run_config
 from tasks.data import DatasetRef
 from tasks.preprocessing import preprocess
 from tasks.interrupt import raise_if_stopping, stop_on_signal, stop_requested
+from tasks.paths import project_dir
 from tasks.task_runners import make_task_runner
 from tasks.tracking import configure_tracking, ensure_experiment
 from tasks.tuning.data import CVPlan, SearchData, build_trainval_view, plan_cross_validation

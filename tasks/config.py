@@ -8,8 +8,6 @@ configuration that every task reads and MLflow logs as params.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -18,15 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data_layer.preprocessing import PreprocessConfig
 from data_layer.expectations import ValidationRules
 from model.config import DPAConfig
+from tasks.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def project_dir() -> Path:
-    """Where the active dataset (data/), caches and the embedded MLflow store live: DPA_PROJECT_DIR or the repo."""
-    return Path(os.environ.get("DPA_PROJECT_DIR", PROJECT_ROOT)).resolve()
 
 
 class DataSource(BaseModel):

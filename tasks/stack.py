@@ -26,7 +26,7 @@ import psycopg2
 import yaml
 from psycopg2 import sql
 
-from tasks.config import PROJECT_ROOT, project_dir
+from tasks.paths import PROJECT_ROOT, project_dir
 from tasks.servers import HOST, start_server
 
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ from distributed import WorkerPlugin
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from tasks.config import project_dir
+from tasks.paths import project_dir
 from tasks.tracking import tracking_uri
 
 DASK_ADDRESS_ENV = "DPA_DASK_ADDRESS"

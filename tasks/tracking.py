@@ -12,7 +12,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from model.trainer import StepInfo
-from tasks.config import PROJECT_ROOT, flatten, project_dir
+from tasks.config import flatten
+from tasks.paths import PROJECT_ROOT, project_dir
 
 
 def embedded_tracking_uri() -> str:
