@@ -18,8 +18,12 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dpa demo
 
+# Two pytest-xdist workers keep both cores busy while a test waits on its servers; a module runs whole
+# on one worker, in collection order (tests/conftest.py: ModuleScheduling).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
 
 # The local stack for UI-triggered runs (Prefect server + worker, MLflow server); see docs/deployments.md.
 up: $(STAMP)
