@@ -5,7 +5,7 @@ Prefect's home is a throwaway directory, set before Prefect is imported, so test
 ~/.prefect; its temporary server starts once per session, only when a test asks for it. The moto
 server likewise starts once, on 127.0.0.1 and a free port; each test gets its own bucket and fake
 credentials in its environment, so tests never see each other's objects and never reach AWS or
-the user's ~/.aws.
+the user's ~/.aws. Under `make test`, pytest-xdist schedules the suite by module (ModuleScheduling).
 """
 
 from __future__ import annotations
@@ -102,7 +102,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in [n for n in os.environ if n.startswith("DPA_DVC_")] + ["DPA_STUDY_STORAGE", "MLFLOW_EXPERIMENT_ID"]:
         monkeypatch.delenv(name, raising=False)
     return root
-
 
 
 INTEGRATION = "tests/integration"

@@ -122,7 +122,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 
 @contextmanager
-def dpa_stack(root: Path, *, prefect_db: str = "sqlite") -> Iterator[tuple["Stack", dict[str, str]]]:
+def dpa_stack(root: Path, *, prefect_db: str) -> Iterator[tuple["Stack", dict[str, str]]]:
     """`dpa up` for a fresh project under `root` on free ports (exactly the CLI a person runs), and
     `dpa down` afterwards; yields the recorded stack and the environment the CLI ran with."""
     from tasks.stack import read_stack
