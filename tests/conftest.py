@@ -111,7 +111,7 @@ class ModuleScheduling(LoadScopeScheduling):
     """`make test` runs the suite on two pytest-xdist workers: each module goes to one worker whole,
     so its module fixtures are built once and its tests keep their order, and the integration
     package goes whole to one worker, as its tests share a Prefect server and a `dpa up` stack.
-    That package goes first: it is the longest unit (about 9 of the suite's 11 minutes)."""
+    That package goes first: it is the longest unit, so its worker starts on it at once."""
 
     def _split_scope(self, nodeid: str) -> str:
         module = nodeid.split("::")[0]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tasks.tracking import tracking_uri
+from tasks.tracking import sqlite_database, tracking_uri
 from tasks.tuning.space import SearchSpace, point_key
 from tasks.tuning.trial import TrialResult
 
@@ -34,8 +34,8 @@ def study_storage_url(explicit: str | None = None) -> str:
     if url:
         return url
     tracking = tracking_uri()
-    if tracking.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking.removeprefix('sqlite:///')).with_name('optuna.db')}"
+    if database := sqlite_database(tracking):
+        return f"sqlite:///{quote(str(database.with_name('optuna.db')))}"
     raise ValueError(
         f"MLflow tracks to {tracking!r}, so the study database cannot be derived from it: set {STUDY_STORAGE_ENV} "
         "(or study_storage) to a database URL, e.g. postgresql://user:pw@host/optuna — a database other than MLflow's"

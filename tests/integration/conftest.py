@@ -121,33 +121,29 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             yield PrefectServer(server, home)
 
 
-@contextmanager
-def dpa_stack(root: Path, *, prefect_db: str) -> Iterator[tuple["Stack", dict[str, str]]]:
-    """`dpa up` for a fresh project under `root` on free ports (exactly the CLI a person runs), and
-    `dpa down` afterwards; yields the recorded stack and the environment the CLI ran with."""
+@pytest.fixture(scope="package")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple["Stack", dict[str, str]]]:
+    """`dpa up` for a fresh project on free ports (exactly the CLI a person runs), its Prefect server
+    on a fresh PostgreSQL database as in production, and `dpa down` afterwards; yields the recorded
+    stack and the environment the CLI ran with."""
     from tasks.stack import read_stack
 
+    root = tmp_path_factory.mktemp("stack")
     project = root / "project"
     project.mkdir()
     subprocess.run(["git", "init", "--quiet", str(project)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPA_", "MLFLOW_", "PREFECT_API"))}
-    env.update(DPA_PROJECT_DIR=str(project), DPA_PREFECT_DB_URL=prefect_db, PREFECT_HOME=str(root / "prefect-client"))
-    up = [str(BIN / "dpa"), "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
-    try:
-        output = run_command(up, env, timeout=600)
-        stack = read_stack(project)
-        assert stack is not None and stack.prefect_url in output and stack.mlflow_url in output, output
-        yield stack, env
-    finally:
-        subprocess.run([str(BIN / "dpa"), "down"], env=env, cwd=REPO, capture_output=True, timeout=300, check=False)
-
-
-@pytest.fixture(scope="package")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple["Stack", dict[str, str]]]:
-    """`dpa up` with its Prefect server on a fresh PostgreSQL database, as in production."""
     with postgres_database("dpa_stack") as database:
-        with dpa_stack(tmp_path_factory.mktemp("stack"), prefect_db=postgres_url(database, "postgresql+asyncpg")) as up:
-            yield up
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DPA_", "MLFLOW_", "PREFECT_API"))}
+        env.update(DPA_PROJECT_DIR=str(project), DPA_PREFECT_DB_URL=postgres_url(database, "postgresql+asyncpg"),
+                   PREFECT_HOME=str(root / "prefect-client"))
+        up = [str(BIN / "dpa"), "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
+        try:
+            output = run_command(up, env, timeout=600)
+            running = read_stack(project)
+            assert running is not None and running.prefect_url in output and running.mlflow_url in output, output
+            yield running, env
+        finally:
+            subprocess.run([str(BIN / "dpa"), "down"], env=env, cwd=REPO, capture_output=True, timeout=300, check=False)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
