@@ -55,6 +55,14 @@ def augment(x: torch.Tensor, size: int, cfg: AugmentConfig, generator: torch.Gen
     return apply_augment(x, size, {k: v.to(x.device) for k, v in draws.items()})
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: on CUDA through pinned memory and an async
+    copy (a pageable copy blocks the host until the GPU has drained its queue)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class BatchSampler:
     """Endless shuffled batches without replacement within an epoch (last partial batch dropped),
     each with its augmentation draws; everything a batch needs is a slice of device tensors."""
@@ -85,7 +93,7 @@ class BatchSampler:
 
     def _set_plan(self, plan: dict[str, torch.Tensor], pos: int) -> None:
         self.plan, self.pos = plan, pos
-        self.device_plan = {k: v.to(self.device) for k, v in plan.items()}
+        self.device_plan = {k: to_device(v, self.device) for k, v in plan.items()}
 
     def next(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(indices, augmentation draws) of the next batch, on the device."""

@@ -10,8 +10,9 @@ The processes are started by torchrun (tasks/distributed_training.py); `gloo` on
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,4 +83,13 @@ def data_parallel(dpa: nn.Module, multi_resolution: bool) -> DistributedDataPara
     """The DPA's stage loss under DDP. With progressive growing a stage leaves some resolutions'
     heads unused, which DDP must be told to look for; the frozen VGG and the statistics buffers
     are constant, so nothing is broadcast per step."""
-    return DistributedDataParallel(_StageLoss(dpa), forward_sync_buffers=False, find_unused_parameters=multi_resolution)
+    return DistributedDataParallel(_StageLoss(dpa), find_unused_parameters=multi_resolution,
+                                   **no_buffer_sync(DistributedDataParallel.__init__))
+
+
+def no_buffer_sync(ddp_init: Callable) -> dict[str, bool]:
+    """DDP's switch for not syncing buffers every forward: `forward_sync_buffers` since torch 2.12,
+    `broadcast_buffers` before (deprecated since). GPU images ship older torch than our pin (2.11)."""
+    if "forward_sync_buffers" in inspect.signature(ddp_init).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.distributed import process_group
+from model.distributed import no_buffer_sync, process_group
 from model.dpa import load_dpa, save_dpa
 from model.trainer import Trainer, seeded_dpa
 from tests.model_core.conftest import blob_images, tiny_config
@@ -92,3 +92,18 @@ def test_a_compile_failure_under_ddp_fails_the_job_instead_of_one_rank_falling_b
     with pytest.raises(mp.ProcessRaisedException, match=r"failed on rank \d \(RuntimeError: inductor failed\); "
                                                           r"DDP ranks cannot fall back to eager one by one: set train.compile: false"):
         mp.spawn(_rank_with_a_failing_compile, args=(_free_port(), tmp_path), nprocs=2)
+
+
+def test_buffers_are_not_synced_per_step_under_the_ddp_of_any_supported_torch() -> None:
+    """torch 2.11 (the GPU machines' image) has no `forward_sync_buffers`: DDP refused the keyword
+    there, which only a CUDA run showed; the switch follows the installed DDP's signature."""
+
+    def ddp_2_11(self, module, broadcast_buffers=True, find_unused_parameters=False):  # noqa: ANN001, ANN202
+        ...
+
+    def ddp_2_14(self, module, broadcast_buffers=None, forward_sync_buffers=None):  # noqa: ANN001, ANN202
+        ...
+
+    assert no_buffer_sync(ddp_2_11) == {"broadcast_buffers": False}
+    assert no_buffer_sync(ddp_2_14) == {"forward_sync_buffers": False}
+    assert no_buffer_sync(torch.nn.parallel.DistributedDataParallel.__init__) == {"forward_sync_buffers": False}
