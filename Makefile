@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lock clean up down
+.PHONY: setup demo test test-system bench lock clean up down
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ demo: $(STAMP)
 # on one worker, in collection order (tests/conftest.py: ModuleScheduling).
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(STAMP) test-system
 	$(PY) -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
+
+# What the suite needs beyond pip (Chromium, a running PostgreSQL); `make demo` needs none of it.
+test-system:
+	bash tests/setup_system.sh
 
 # The local stack for UI-triggered runs (Prefect server + worker, MLflow server); see docs/deployments.md.
 up: $(STAMP)

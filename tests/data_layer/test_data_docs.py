@@ -12,7 +12,7 @@ from data_layer.data_docs import ASSETS, BUNDLED, external_assets, missing_local
 from data_layer.validation import ensure_valid
 from tests.data_layer.test_validation import RULES, build_dataset
 
-CHROMIUM = "/usr/bin/chromium"  # installed by .ci/run when missing
+CHROMIUM = "/usr/bin/chromium"  # installed by `make test` when missing (tests/setup_system.sh)
 
 
 def test_every_bundled_asset_is_shipped() -> None:

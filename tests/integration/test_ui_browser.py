@@ -26,7 +26,7 @@ from tests.tiny import TINY_OVERRIDES
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"  # installed by .ci/run when missing
+CHROMIUM = "/usr/bin/chromium"  # installed by `make test` when missing (tests/setup_system.sh)
 RUN_TIMEOUT_S = 420
 
 
