@@ -194,7 +194,8 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         else:
             trained = train_one(cfg, data, dataset.version, project, run_id)
         dpa, evaluation = trained.dpa, trained.evaluation
-        mlflow.set_tags({"vgg_weights": dpa.vgg_source, "feature_stats": dpa.feature_stats, "device": str(next(dpa.parameters()).device)})
+        mlflow.set_tags({"vgg_weights": dpa.vgg_source, "feature_stats": dpa.feature_stats,
+                         "dead_channels": dpa.perceptual.dead_channel_summary(), "device": str(next(dpa.parameters()).device)})
         version = register_model(dpa, evaluation, cfg, trained.run_id)
         decision = promote_model(
             cfg.registry.model_name, version, ScoredSet.of(evaluation), dataset.version,

@@ -106,6 +106,15 @@ class LossConfig(BaseModel):
         "training normals'), or auto (imagenet with ImageNet weights, train with random or other weights: the "
         "reference statistics belong to the ImageNet network only)",
     )
+    min_channel_std: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="a feature channel whose std on the statistics' images is below this fraction of its layer's "
+        "median std carries no signal there and gets no weight in the loss, the score and the heat map (standardised "
+        "by a near-zero std it would be magnified ~10^6× and decide both). 0 keeps every channel, as the authors' "
+        "code does (std clamped at 1e-6)",
+    )
 
     @model_validator(mode="after")
     def _canonical(self) -> LossConfig:

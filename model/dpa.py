@@ -48,7 +48,7 @@ class DPA(nn.Module):
         self.encoder = Encoder(cfg.network, cfg.initial_res)
         self.decoder = Decoder(cfg.network, cfg.initial_res)
         layers = {l for res in resolution_levels(cfg.initial_res, cfg.network.max_res) for l in cfg.loss.layers_at(res)}
-        self.perceptual = RelativePerceptualLoss(vgg.features, sorted(layers))
+        self.perceptual = RelativePerceptualLoss(vgg.features, sorted(layers), cfg.loss.min_channel_std)
         self.feature_stats = resolve_feature_stats(cfg.loss.feature_stats, vgg.description)
         if self.feature_stats == "imagenet":
             self.perceptual.set_stats(reference_feature_stats(self.perceptual.layers))

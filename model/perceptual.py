@@ -3,14 +3,20 @@
 ℓ(x, x̂) = Σ_l w_l · mean|f̂_l(x) − f̂_l(x̂)| / stopgrad(mean|f̂_l(x)|) / Σ_l w_l, with f̂ the VGG19
 features standardised per channel. The VGG is frozen and its weights come from one of several
 sources; the one actually used is recorded in `VGGSource.description` so a run can say it.
+
+Channels whose std on the statistics' images is near zero (they never fire there: common with
+random VGG weights) are dead: standardised by that std, any activation of theirs on a
+reconstruction would be magnified ~10^6× and decide the loss and the score. A per-layer `keep`
+mask, fitted with the statistics and saved with the model, gives them no weight on both sides.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+import logging
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +36,9 @@ RELU_INDEX = {"r11": 1, "r12": 3, "r21": 6, "r22": 8, "r31": 11, "r32": 13, "r33
 assert set(RELU_INDEX) == set(VGG_LAYERS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_STD = 1e-6  # the authors' clamp: what a channel that never fires is divided by
+DEAD_SHARE_WARNING = 0.25
+log = logging.getLogger(__name__)
 
 
 class VGGWeightsUnavailable(RuntimeError):
@@ -154,9 +163,11 @@ def to_vgg_input(x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.T
 class RelativePerceptualLoss(nn.Module):
     """Frozen VGG19 truncated at the deepest needed layer, plus per-channel statistics buffers."""
 
-    def __init__(self, features: nn.Sequential, layers: list[str]):
+    def __init__(self, features: nn.Sequential, layers: list[str], min_channel_std: float = 0.0):
+        """`min_channel_std`: the fraction of a layer's median std under which a channel is dead."""
         super().__init__()
         self.layers = sorted(set(layers), key=RELU_INDEX.__getitem__)
+        self.min_channel_std = min_channel_std
         self.vgg = features[: RELU_INDEX[self.layers[-1]] + 1]
         for p in self.vgg.parameters():
             p.requires_grad_(False)
@@ -164,6 +175,7 @@ class RelativePerceptualLoss(nn.Module):
             channels = self.vgg[RELU_INDEX[l] - 1].out_channels
             self.register_buffer(f"mean_{l}", torch.zeros(1, channels, 1, 1))
             self.register_buffer(f"std_{l}", torch.ones(1, channels, 1, 1))
+            self.register_buffer(f"keep_{l}", torch.ones(1, channels, 1, 1))
         # Not persistent: constants, so saved DPAs keep their state_dict keys.
         self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -174,11 +186,33 @@ class RelativePerceptualLoss(nn.Module):
         self.vgg.eval()  # frozen feature extractor: never in training mode
         return self
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """DPAs saved before the dead-channel mask have no `keep_*`: every channel kept, as they scored."""
+        for l in self.layers:
+            state_dict.setdefault(f"{prefix}keep_{l}", torch.ones_like(getattr(self, f"keep_{l}")))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def set_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per-channel (mean, std) of each layer, and which channels are dead under them."""
         for l in self.layers:
             mean, std = stats[l]
+            std = std.view(1, -1, 1, 1).clamp_min(MIN_STD)
             getattr(self, f"mean_{l}").copy_(mean.view(1, -1, 1, 1))
-            getattr(self, f"std_{l}").copy_(std.view(1, -1, 1, 1))
+            getattr(self, f"std_{l}").copy_(std)
+            getattr(self, f"keep_{l}").copy_((std >= self.min_channel_std * std.median()).to(std.dtype))
+            dead = self.dead_channels()[l]
+            if dead > DEAD_SHARE_WARNING * std.numel():
+                log.warning("%d of %d channels of VGG layer %s carry no signal on these images (std < %g × the "
+                            "layer's median) and get no weight: the layer sees little of them",
+                            dead, std.numel(), l, self.min_channel_std)
+
+    def dead_channels(self) -> dict[str, int]:
+        """Per layer, how many channels get no weight."""
+        return {l: int((getattr(self, f"keep_{l}") == 0).sum()) for l in self.layers}
+
+    def dead_channel_summary(self) -> str:
+        """What a run records of its mask, e.g. 'r32 3/256' (dead of all channels, per layer)."""
+        return ", ".join(f"{l} {n}/{getattr(self, f'keep_{l}').numel()}" for l, n in self.dead_channels().items())
 
     def features(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
         """Raw (unstandardised) ReLU features of a [-1,1] image at the requested layers."""
@@ -192,7 +226,10 @@ class RelativePerceptualLoss(nn.Module):
         return out
 
     def _standardise(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {l: (f.float() - getattr(self, f"mean_{l}")) / getattr(self, f"std_{l}") for l, f in raw.items()}
+        """Standardised features, dead channels zero: the relative loss's numerator and denominator
+        then both sum over the kept channels alone."""
+        return {l: (f.float() - getattr(self, f"mean_{l}")) / getattr(self, f"std_{l}") * getattr(self, f"keep_{l}")
+                for l, f in raw.items()}
 
     def _standardised(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
         return self._standardise(self.features(x, layers))
@@ -266,6 +303,6 @@ def training_feature_stats(
     stats = {}
     for l in loss.layers:
         mean = sums[l] / count[l]
-        std = (sq[l] / count[l] - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        std = (sq[l] / count[l] - mean * mean).clamp_min(0).sqrt().clamp_min(MIN_STD)
         stats[l] = (mean.float().cpu(), std.float().cpu())
     return stats

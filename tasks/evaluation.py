@@ -89,7 +89,7 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         dataset=cfg.description or cfg.dataset.importer, threshold=result.threshold,
         threshold_rule=result.threshold_rule, vgg_source=dpa.vgg_source,
         image_size=cfg.preprocess.size, image_channels=cfg.preprocess.channels,
-        feature_stats=dpa.feature_stats, baselines=result.baselines,
+        feature_stats=dpa.feature_stats, dead_channels=dpa.perceptual.dead_channel_summary(), baselines=result.baselines,
     )
     types = test.manifest[ANOMALY_TYPE]
     with tempfile.TemporaryDirectory() as tmp:

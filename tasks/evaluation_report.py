@@ -116,6 +116,7 @@ def model_card(
     image_size: int,
     image_channels: int,
     feature_stats: str | None = None,
+    dead_channels: str | None = None,
     baselines: dict[str, Evaluation] | None = None,
 ) -> str:
     """The Markdown model card logged next to the model: what it is for and what it is not."""
@@ -152,6 +153,7 @@ only. **Not a medical device; not for diagnosis or any clinical decision.**
 
 ## Method details
 - perceptual network: VGG19 features, weights source: {vgg_source}; feature statistics: {feature_stats or "not recorded"}
+- feature channels given no weight (they never fire on the statistics' images; dead of all, per layer): {dead_channels or "not recorded"}
 - anomaly score: relative perceptual L1 reconstruction loss at the final resolution
 
 ## Limitations

@@ -68,10 +68,12 @@ def test_warning_only_when_the_dpa_does_not_beat_the_best_baseline() -> None:
     assert baseline_warning(0.83, baselines) is not None  # a tie is not a win
     card = model_card(
         _e(0.76), model_name="m", data_version="v", dataset="d", threshold=1.0, threshold_rule=threshold_rule(0.95),
-        vgg_source="random:seed=0", image_size=32, image_channels=1, feature_stats="train", baselines=baselines,
+        vgg_source="random:seed=0", image_size=32, image_channels=1, feature_stats="train", dead_channels="r32 3/256",
+        baselines=baselines,
     )
     assert "| DPA (this model) | 0.7600 |" in card and "0.8300 (0.7800–0.8800)" in card
     assert "does not beat the pca baseline" in card and "feature statistics: train" in card
+    assert "no weight (they never fire on the statistics' images; dead of all, per layer): r32 3/256" in card
 
 
 def test_evaluate_logs_baseline_metrics_and_card(mlflow_store: str, tiny_dpa: DPA) -> None:

@@ -7,6 +7,7 @@ significantly better keeps the champion, with the paired test in its tags.
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
     assert run.data.tags["data_version"] == first["data_version"] == (project / "data.dvc").read_text().split("md5: ")[1][:32]
     assert run.data.tags["vgg_weights"] == "random:seed=0" and run.data.tags["device"] == "cpu"
     assert run.data.tags["feature_stats"] == "train"  # auto with random weights
+    assert re.fullmatch(r"r\d\d \d+/\d+(, r\d\d \d+/\d+)*", run.data.tags["dead_channels"])
     assert set(first["baselines"]) == {"pca", "mean_image"}
     for baseline, figures in first["baselines"].items():
         assert run.data.metrics[f"test_baseline_{baseline}_auroc"] == figures["auroc"]
