@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from tasks.servers import Server, start_server
+from tasks.runtime.servers import Server, start_server
 
 MB = 2**20
 
@@ -113,11 +113,11 @@ def log_untrained(preset: str, tracking_uri: str, tmp: Path) -> str:
     # imported here: a run against --url needs none of them, and they take seconds to import
     import mlflow
     import torch
-
     from common import preset_serving_config
+
     from model.dpa import DPA
     from model.scoring import score_images
-    from tasks.mlflow_model import log_dpa_model
+    from tasks.registry.mlflow_model import log_dpa_model
 
     dpa_cfg, preprocess = preset_serving_config(preset)
     dpa = DPA.build(dpa_cfg)

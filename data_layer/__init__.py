@@ -1,0 +1,4 @@
+"""Datasets as files, without Prefect or MLflow: the manifest contract (`manifest`), the image readers
+(`images` dispatches, `pixels` holds their shared guards, `dicom` reads DICOM), synthetic phantoms,
+importers, preprocessing with its cache, the Great Expectations gate (`expectations`,
+`validation`, `data_docs`) and DVC versioning (`versioning`)."""

@@ -18,7 +18,8 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from data_layer.images import (
+from data_layer.manifest import salted_group_id
+from data_layer.pixels import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
     array_to_image,
@@ -26,7 +27,6 @@ from data_layer.images import (
     decoding,
     scale_to_uint8,
 )
-from data_layer.manifest import salted_group_id
 
 
 def read_dicom(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

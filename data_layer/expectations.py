@@ -12,8 +12,8 @@ import great_expectations as gx
 from great_expectations.expectations.row_conditions import Column
 from pydantic import BaseModel, ConfigDict, Field
 
-from data_layer.images import DEFAULT_MAX_PIXELS
 from data_layer.manifest import ABNORMAL, COLUMNS, GROUP, LABEL, LABELS, NORMAL, PATH, REQUIRED_COLUMNS, SPLIT, SPLITS
+from data_layer.pixels import DEFAULT_MAX_PIXELS
 
 LINE = "line"
 """Line number in manifest.csv (header = line 1), so a report points at the line to edit."""

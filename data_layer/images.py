@@ -21,26 +21,18 @@ becomes an `ImageReadError`.
 from __future__ import annotations
 
 import hashlib
-import struct
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-DEFAULT_MAX_PIXELS = 64_000_000
-"""64 megapixels: above the largest clinical radiographs (about 4k x 5k), far below memory trouble."""
+from data_layer.pixels import DEFAULT_MAX_PIXELS, ImageReadError, array_to_image, check_pixel_count, decoding
 
 PNG_COMPRESS_LEVEL = 6
 """Fixed zlib level so that the same pixels always give the same PNG bytes (and DVC hash)."""
 
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-
-
-class ImageReadError(ValueError):
-    """A file cannot be decoded into an image; the message names the file and what to do."""
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -75,56 +67,6 @@ def _reader_for(path: Path) -> Callable[[Path, int], Image.Image] | None:
     if head[128:132] == b"DICM":
         return _read_dicom
     return next((_READERS[suffix] for magic, suffix in _MAGIC_SUFFIXES if head.startswith(magic)), None)
-
-
-@contextmanager
-def decoding(path: Path, *extra_errors: type[BaseException]) -> Iterator[None]:
-    """Turn any decoder failure into an `ImageReadError` that names the file."""
-    try:
-        yield
-    except ImageReadError:
-        raise
-    except (
-        OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
-        AttributeError, KeyError, IndexError, TypeError, NotImplementedError, ArithmeticError, *extra_errors,
-    ) as exc:
-        raise ImageReadError(
-            f"{path}: cannot decode ({type(exc).__name__}: {exc}). The file is corrupt, truncated "
-            "or not what its suffix says: re-export it from the source or remove it."
-        ) from exc
-
-
-def check_pixel_count(path: Path, width: int, height: int, max_pixels: int) -> None:
-    """Refuse an image from its header size, before its pixels are decoded."""
-    if width * height == 0:
-        raise ImageReadError(f"{path}: {width}x{height}: the image has no pixels. Re-export it or remove it.")
-    if width * height > max_pixels:
-        raise ImageReadError(
-            f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-            f"{max_pixels:,} (decompression-bomb guard). Downscale the image, or raise max_pixels "
-            "if the file is trusted."
-        )
-
-
-def scale_to_uint8(array: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly onto 0..255 (clipping outside); a degenerate range gives zeros."""
-    if not high > low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    scaled = (array.astype(np.float64) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def array_to_image(array: np.ndarray) -> Image.Image:
-    """HxW or HxWx1 -> mode L, HxWx3 -> RGB; non-uint8 data is stretched min..max to 8 bits."""
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-        raise ValueError(f"expected an HxW, HxWx1 or HxWx3 array, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        if not np.isfinite(array).all():
-            raise ValueError("array contains NaN or infinite values")
-        array = scale_to_uint8(array, float(array.min()), float(array.max()))
-    return Image.fromarray(np.ascontiguousarray(array), mode="L" if array.ndim == 2 else "RGB")
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -168,8 +110,7 @@ def _read_npy(path: Path, max_pixels: int) -> Image.Image:
 
 
 def _read_dicom(path: Path, max_pixels: int) -> Image.Image:
-    # Imported here: dicom.py builds on this module's helpers, and pydicom loads only when needed.
-    from data_layer.dicom import read_dicom
+    from data_layer.dicom import read_dicom  # here: pydicom loads only when a DICOM file is read
 
     return read_dicom(path, max_pixels)
 

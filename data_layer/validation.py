@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from data_layer.data_docs import build_offline_data_docs, data_docs_context
 from data_layer.expectations import LINE, ValidationRules, image_checks, manifest_checks, schema_checks
-from data_layer.images import ImageReadError, pixel_hash, read_image
+from data_layer.images import pixel_hash, read_image
 from data_layer.manifest import (
     GROUP,
     MANIFEST_NAME,
@@ -41,6 +41,7 @@ from data_layer.manifest import (
     path_problem,
     resolve_path,
 )
+from data_layer.pixels import ImageReadError
 
 REPORT_NAME = "validation_report.json"
 DOCS_DIR = "data_docs"

@@ -29,16 +29,16 @@ from prefect import flow
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
-from flows.training import config_digest
-from tasks.benchmark_cells import BenchmarkCell, load_record, run_cell, save_record
-from tasks.benchmark_data import load_config, prepare_dataset, preset_files, source_digest
-from tasks.benchmark_table import benchmark_table, log_table, markdown, write_table
+from tasks.benchmark.cells import BenchmarkCell, load_record, run_cell, save_record
+from tasks.benchmark.data import load_config, prepare_dataset, preset_files, source_digest
+from tasks.benchmark.table import benchmark_table, log_table, markdown, write_table
 from tasks.config import RunConfig
 from tasks.paths import project_dir
-from tasks.preprocessing import preprocess
-from tasks.seeds import seed_config, seed_list
-from tasks.task_runners import make_task_runner
-from tasks.tracking import configure_tracking, ensure_experiment, git_commit
+from tasks.registry.tracking import configure_tracking, ensure_experiment, git_commit
+from tasks.runtime.task_runners import make_task_runner
+from tasks.training.preprocessing import preprocess
+from tasks.training.runs import config_digest
+from tasks.training.seeds import seed_config, seed_list
 from tasks.tuning.data import SearchData
 
 PARENT_STATE = "parent_run.json"

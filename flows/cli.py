@@ -48,10 +48,10 @@ def parse_overrides(items: list[str] | None) -> dict:
 @contextmanager
 def exit_code_on_signal() -> Iterator[None]:
     """A stop on SIGINT/SIGTERM exits 130/143 (128 + the signal), as shells and supervisors expect.
-    Long work inside saves its state first (see tasks.interrupt)."""
+    Long work inside saves its state first (see tasks.runtime.interrupt)."""
     from prefect.exceptions import TerminationSignal
 
-    from tasks.interrupt import stop_now
+    from tasks.runtime.interrupt import stop_now
 
     previous = signal.signal(signal.SIGTERM, stop_now)
     try:
@@ -84,7 +84,8 @@ def train(
         "--nproc-per-node", help="train on N processes (one per GPU) with DDP through torchrun (dpa.train.nproc_per_node)")] = None,
 ) -> None:
     """Run the training pipeline: data → validate → preprocess → train → evaluate → register → promote."""
-    from flows.training import baseline_line, training_pipeline
+    from flows.training import training_pipeline
+    from tasks.training.summary import baseline_line
 
     flags = {"seeds": seeds, "nproc_per_node": nproc_per_node}
     overrides = [*(overrides or []), *(f"dpa.train.{key}={value}" for key, value in flags.items() if value)]
@@ -103,9 +104,10 @@ DEMO_WEIGHTS_NOTE = (
 @app.command()
 def demo() -> None:
     """The main job on the embedded default: synthetic phantoms, offline, on CPU, a few minutes."""
-    from flows.training import baseline_line, training_pipeline
+    from flows.training import training_pipeline
     from tasks.paths import project_dir
-    from tasks.tracking import tracking_uri
+    from tasks.registry.tracking import tracking_uri
+    from tasks.training.summary import baseline_line
 
     s = training_pipeline(_params("demo", None, None, None))
     typer.echo(
@@ -198,10 +200,10 @@ def score(
     command after a crash or a stop to score only what is missing."""
     from pydantic import ValidationError
 
-    from tasks.drift import DriftLevels
-    from tasks.monitoring import monitor_batch
-    from tasks.scoring import score_inputs
-    from tasks.tracking import configure_tracking
+    from tasks.monitoring.drift import DriftLevels
+    from tasks.monitoring.monitor import monitor_batch
+    from tasks.registry.tracking import configure_tracking
+    from tasks.serving.scoring import score_inputs
 
     try:
         levels = DriftLevels.model_validate({k: v for k, v in {"alpha": drift_alpha, "min_batch": drift_min_batch}.items() if v is not None})
@@ -220,8 +222,8 @@ def lineage(
     target: Annotated[str, typer.Argument(help="models:/name@alias, models:/name/version, a run id, or a scores.csv")],
 ) -> None:
     """Print the chain scores → model version → run → git commit → data version → manifest counts → source."""
-    from tasks.lineage import lineage as chain
-    from tasks.tracking import configure_tracking
+    from tasks.registry.lineage import lineage as chain
+    from tasks.registry.tracking import configure_tracking
 
     configure_tracking()
     for line in chain(target):
@@ -251,7 +253,7 @@ def data_import(
     from data_layer.versioning import commit_dataset, init_repo
     from tasks.config import DataSource
     from tasks.paths import project_dir
-    from tasks.data import import_to
+    from tasks.training.data import import_to
 
     source = DataSource.model_validate({"importer": kind, **parse_overrides(overrides)})
     dataset = import_to(source, out)
@@ -284,8 +286,8 @@ def up(
         envvar="DPA_PREFECT_DB_URL", help="Prefect database URL, or 'sqlite'; default: the local PostgreSQL if it answers, else SQLite")] = None,
 ) -> None:
     """Bring up the local stack for UI-triggered runs: Prefect server, MLflow server, work pool, deployments, worker."""
-    from tasks.stack import StackError, describe
-    from tasks.stack import up as start_stack
+    from tasks.runtime.stack import StackError, describe
+    from tasks.runtime.stack import up as start_stack
 
     try:
         stack = start_stack(prefect_port, mlflow_port, prefect_db)
@@ -298,7 +300,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop exactly what `dpa up` started (by its recorded process ids)."""
-    from tasks.stack import down as stop_stack
+    from tasks.runtime.stack import down as stop_stack
 
     stopped = stop_stack()
     typer.echo(f"stopped {', '.join(f'{p.name} ({p.pid})' for p in stopped)}" if stopped else "no stack was running")

@@ -1,15 +1,15 @@
 """Batch scoring (DESIGN.md §4): load a registered DPA (by default the champion), score a folder,
 a dataset or a DICOM directory, write scores.csv and heat maps, publish a summary in the Prefect UI,
-then check the batch for score drift (tasks.monitoring)."""
+then check the batch for score drift (tasks.monitoring.monitor)."""
 
 from __future__ import annotations
 
 from prefect import flow
 from pydantic import PositiveInt
 
-from tasks.drift import DriftLevels
-from tasks.monitoring import monitor_scores_task
-from tasks.scoring import CHUNK, publish_scoring_summary, score_inputs_task
+from tasks.monitoring.drift import DriftLevels
+from tasks.monitoring.monitor import monitor_scores_task
+from tasks.serving.scoring import CHUNK, publish_scoring_summary, score_inputs_task
 
 DEFAULT_MODEL_URI = "models:/dpa-phantoms@champion"
 """The demo preset's registered model (registry.model_name) at its champion alias."""

@@ -26,12 +26,12 @@ from pydantic import Field
 
 from flows.training import resolve_data, training_pipeline
 from tasks.config import DataSource, PipelineParams, RunConfig, resolve_run_config
-from tasks.data import DatasetRef
-from tasks.preprocessing import preprocess
-from tasks.interrupt import raise_if_stopping, stop_on_signal, stop_requested
 from tasks.paths import project_dir
-from tasks.task_runners import make_task_runner
-from tasks.tracking import configure_tracking, ensure_experiment
+from tasks.registry.tracking import configure_tracking, ensure_experiment
+from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal, stop_requested
+from tasks.runtime.task_runners import make_task_runner
+from tasks.training.data import DatasetRef
+from tasks.training.preprocessing import preprocess
 from tasks.tuning.data import CVPlan, SearchData, build_trainval_view, plan_cross_validation
 from tasks.tuning.plan import Progress, plan_search
 from tasks.tuning.results import best_config, leaderboard, publish_search, search_run

@@ -5,7 +5,7 @@ trains on the r-th contiguous share of each global batch and DDP averages the gr
 is a batch mean of per-sample losses and the DPA networks have no BatchNorm (model/networks.py),
 so N ranks × B/N take the same step as one process × B, up to float rounding: no batch statistics
 to synchronise, hence no SyncBatchNorm. All ranks hold the same state, so rank 0 alone checkpoints.
-The processes are started by torchrun (tasks/distributed_training.py); `gloo` on CPU, `nccl` on CUDA.
+The processes are started by torchrun (tasks/training/distributed_training.py); `gloo` on CPU, `nccl` on CUDA.
 """
 
 from __future__ import annotations

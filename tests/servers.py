@@ -1,5 +1,5 @@
-"""Real servers for the tests: the product's own launcher (tasks/servers.py), which `dpa up` uses too."""
+"""Real servers for the tests: the product's own launcher (tasks/runtime/servers.py), which `dpa up` uses too."""
 
-from tasks.servers import HOST, Server, free_port, running_server, start_server
+from tasks.runtime.servers import HOST, Server, free_port, running_server, start_server
 
 __all__ = ["HOST", "Server", "free_port", "running_server", "start_server"]

@@ -3,7 +3,7 @@
 import pytest
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from tasks.task_runners import DASK_ADDRESS_ENV, ProjectDaskTaskRunner, make_task_runner, resolve_runner
+from tasks.runtime.task_runners import DASK_ADDRESS_ENV, ProjectDaskTaskRunner, make_task_runner, resolve_runner
 
 
 def test_a_cluster_address_picks_dask(monkeypatch: pytest.MonkeyPatch) -> None:

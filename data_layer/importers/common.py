@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_layer.images import SUPPORTED_SUFFIXES, array_to_image, read_image, write_png
+from data_layer.images import SUPPORTED_SUFFIXES, read_image, write_png
 from data_layer.manifest import (
     ABNORMAL,
     ANOMALY_TYPE,
@@ -29,6 +29,7 @@ from data_layer.manifest import (
     staged_dataset,
     write_manifest,
 )
+from data_layer.pixels import array_to_image
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import RunConfig
-from tasks.tracking import log_config_params
+from tasks.registry.tracking import log_config_params
 from tasks.tuning.space import SearchSpace
 
 STUDY_TAG = "dpa.study"

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tasks.tracking import sqlite_database, tracking_uri
+from tasks.registry.tracking import sqlite_database, tracking_uri
 from tasks.tuning.space import SearchSpace, point_key
 from tasks.tuning.trial import TrialResult
 

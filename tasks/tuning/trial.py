@@ -27,8 +27,8 @@ from model.config import DPAConfig
 from model.dpa import DPA
 from model.scoring import score_images
 from model.trainer import Trainer
-from tasks.interrupt import checkpoint_on_stop
-from tasks.tracking import configure_tracking
+from tasks.registry.tracking import configure_tracking
+from tasks.runtime.interrupt import checkpoint_on_stop
 from tasks.tuning.data import CVPlan, SearchData
 from tasks.tuning.space import EarlyStopping
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from data_layer.dicom import dicom_group_id, read_dicom
-from data_layer.images import ImageReadError, pixel_hash, read_image, write_png
+from data_layer.images import pixel_hash, read_image, write_png
+from data_layer.pixels import ImageReadError
 
 
 def save(image: Image.Image, path: Path) -> Path:

@@ -11,9 +11,9 @@ import torch
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
-from data_layer.images import ImageReadError
 from data_layer.manifest import COLUMNS, write_manifest
 from data_layer.phantoms import PhantomSpec, generate_phantoms
+from data_layer.pixels import ImageReadError
 from data_layer.preprocessing import (
     PreprocessConfig,
     preprocess_dataset,

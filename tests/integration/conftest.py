@@ -28,7 +28,7 @@ from psycopg2 import sql
 from tests.servers import Server, free_port, running_server
 
 if TYPE_CHECKING:
-    from tasks.stack import Stack
+    from tasks.runtime.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -126,7 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple["Stack", d
     """`dpa up` for a fresh project on free ports (exactly the CLI a person runs), its Prefect server
     on a fresh PostgreSQL database as in production, and `dpa down` afterwards; yields the recorded
     stack and the environment the CLI ran with."""
-    from tasks.stack import read_stack
+    from tasks.runtime.stack import read_stack
 
     root = tmp_path_factory.mktemp("stack")
     project = root / "project"

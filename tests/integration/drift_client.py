@@ -23,9 +23,9 @@ from data_layer.preprocessing import preprocess_images
 from flows.scoring import batch_scoring
 from model.scoring import score_images
 from model.trainer import train_dpa
-from tasks.metrics import operating_threshold
-from tasks.mlflow_model import CHAMPION
-from tasks.tracking import configure_tracking, ensure_experiment
+from tasks.registry.mlflow_model import CHAMPION
+from tasks.registry.tracking import configure_tracking, ensure_experiment
+from tasks.training.metrics import operating_threshold
 from tests.model_core.conftest import blob_images, tiny_config
 from tests.pipeline.conftest import PREPROCESS, RES, register
 

@@ -25,14 +25,14 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.monitoring import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
 from data_layer.preprocessing import preprocess_dataset
 from model.trainer import CHECKPOINT_NAME, train_dpa
 from tasks.config import PipelineParams, resolve_run_config
-from tasks.mlflow_model import load_dpa_scorer
-from tests.tiny import tiny_training
+from tasks.monitoring.monitor import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
+from tasks.registry.mlflow_model import load_dpa_scorer
 from tests.integration.conftest import BIN, REPO, PrefectServer, run_command
 from tests.integration.drift_client import MODEL_NAME
+from tests.tiny import tiny_training
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import psutil
 import psycopg2
 import pytest
 
-from tasks.servers import HOST, free_port
-from tasks.stack import LOCAL_POSTGRES, Stack, StackError, prefect_database_url, read_stack, running_processes, up
+from tasks.runtime.servers import HOST, free_port
+from tasks.runtime.stack import LOCAL_POSTGRES, Stack, StackError, prefect_database_url, read_stack, running_processes, up
 from tests.integration.conftest import BIN, REPO, drop_database, run_command
 
 pytestmark = pytest.mark.integration

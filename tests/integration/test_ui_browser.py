@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tasks.config import PRESETS
-from tasks.stack import Stack
+from tasks.runtime.stack import Stack
 from tests.tiny import TINY_OVERRIDES
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from model.cpu_malloc import GLIBC_TUNABLES
-from tasks.distributed_training import _environment
+from tasks.training.distributed_training import _environment
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE_FAULTS = """

@@ -30,8 +30,8 @@ from data_layer.preprocessing import PreprocessConfig, preprocess_images
 from model.dpa import DPA
 from model.scoring import score_images
 from model.trainer import train_dpa
-from tasks.metrics import VAL_NORMALS, operating_threshold, threshold_rule
-from tasks.mlflow_model import CHAMPION, log_dpa_model
+from tasks.registry.mlflow_model import CHAMPION, log_dpa_model
+from tasks.training.metrics import VAL_NORMALS, operating_threshold, threshold_rule
 from tests.model_core.conftest import blob_images, tiny_config
 
 if TYPE_CHECKING:

@@ -10,13 +10,13 @@ import torch
 from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-import tasks.baseline_evaluation as baseline_evaluation
+import tasks.training.baseline_evaluation as baseline_evaluation
 from model.baselines import fit_baselines
 from model.dpa import DPA
-from tasks.baseline_evaluation import baseline_evaluations, baseline_warning
-from tasks.evaluation import evaluate
-from tasks.evaluation_report import model_card
-from tasks.metrics import Evaluation, threshold_rule
+from tasks.training.baseline_evaluation import baseline_evaluations, baseline_warning
+from tasks.training.evaluation import evaluate
+from tasks.training.evaluation_report import model_card
+from tasks.training.metrics import Evaluation, threshold_rule
 from tests.pipeline.conftest import RES, run_config
 from tests.pipeline.test_evaluation import _dataset
 

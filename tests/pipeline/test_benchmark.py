@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.benchmark_cells import CELL_TAG, CellRecord
+from tasks.benchmark.cells import CELL_TAG, CellRecord
 from tasks.config import CONFIG_DIR, apply_overrides
 from tests.tiny import TINY_OVERRIDES
 from tests.tuning.conftest import TINY_SEARCH

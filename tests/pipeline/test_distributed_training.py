@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from model.trainer import CHECKPOINT_NAME, StepInfo, Trainer
-from tasks.distributed_training import RankFailed
-from tasks.training import train
+from tasks.training.distributed_training import RankFailed
+from tasks.training.train import train
 from tests.model_core.conftest import blob_images, tiny_config
 
 

@@ -1,4 +1,4 @@
-"""The score-drift statistics (tasks.drift) on synthetic scores: calibrated on in-distribution
+"""The score-drift statistics (tasks.monitoring.drift) on synthetic scores: calibrated on in-distribution
 batches (where a plain binomial test is not), sensitive to a shift of the bulk and of the tail,
 silent on a batch too small to judge."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from tasks.drift import DRIFTED, IN_DISTRIBUTION, TOO_FEW, DriftLevels, drift_report
+from tasks.monitoring.drift import DRIFTED, IN_DISTRIBUTION, TOO_FEW, DriftLevels, drift_report
 
 REFERENCE = np.random.default_rng(7).normal(1.0, 0.1, 200)
 THRESHOLD = float(np.quantile(REFERENCE, 0.95))

@@ -15,9 +15,9 @@ from sklearn.metrics import roc_auc_score
 from data_layer.preprocessing import PreprocessedDataset
 from model.dpa import DPA
 from model.scoring import score_images
-from tasks.evaluation import evaluate
-from tasks.evaluation_report import evaluation_artifacts, model_card
-from tasks.metrics import Evaluation, evaluate_scores, operating_threshold, threshold_rule
+from tasks.training.evaluation import evaluate
+from tasks.training.evaluation_report import evaluation_artifacts, model_card
+from tasks.training.metrics import Evaluation, evaluate_scores, operating_threshold, threshold_rule
 from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import RES, run_config
 

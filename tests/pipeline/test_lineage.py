@@ -11,7 +11,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from data_layer.manifest import write_manifest
-from tasks.lineage import DATASET_CONTEXT, DATASET_NAME, lineage, log_dataset_input, manifest_counts
+from tasks.registry.lineage import DATASET_CONTEXT, DATASET_NAME, lineage, log_dataset_input, manifest_counts
 
 
 def small_dataset(root: Path) -> Path:

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from data_layer.images import read_image
 from data_layer.preprocessing import preprocess_images
 from model.scoring import anomaly_maps
-from tasks.mlflow_model import (
+from tasks.registry.mlflow_model import (
     HEATMAP_SATURATION,
     DPAPyfuncModel,
     LegacyModelError,
@@ -29,8 +29,8 @@ from tasks.mlflow_model import (
     load_scorer,
     log_dpa_model,
 )
-from tasks.pyfunc_model import INTERNAL_FAILURE, SERVING_CONFIG, WEIGHTS, ServingConfig
-from tasks.serving_request import PATH_ROOT_ENV, PATHS_DISABLED
+from tasks.registry.pyfunc_model import INTERNAL_FAILURE, SERVING_CONFIG, WEIGHTS, ServingConfig
+from tasks.serving.request import PATH_ROOT_ENV, PATHS_DISABLED
 from tests.pipeline.conftest import PREPROCESS, ImageSet, RegisteredDPA
 
 

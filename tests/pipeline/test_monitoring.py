@@ -1,4 +1,4 @@
-"""`dpa score` checks each batch for score drift (tasks.monitoring): one MLflow run per batch in
+"""`dpa score` checks each batch for score drift (tasks.monitoring.monitor): one MLflow run per batch in
 `<model>-monitoring`, tagged with the version and the batch's input digest; no event without a
 Prefect server; `--no-monitor` turns it off; a version without reference scores is scored but not
 monitored, and says so. The drift → event → retraining loop itself is in
@@ -18,9 +18,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.drift import TOO_FEW, DriftLevels
-from tasks.mlflow_model import SERVING_CONFIG, WEIGHTS, DPAPyfuncModel
-from tasks.monitoring import MONITORING_SUFFIX, REPORT_FILE, monitor_batch
+from tasks.monitoring.drift import TOO_FEW, DriftLevels
+from tasks.monitoring.monitor import MONITORING_SUFFIX, REPORT_FILE, monitor_batch
+from tasks.registry.mlflow_model import SERVING_CONFIG, WEIGHTS, DPAPyfuncModel
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
 
 

@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from tasks.paired_auc import delong_covariance, paired_delong
+from tasks.registry.paired_auc import delong_covariance, paired_delong
 
 
 def test_hand_worked_example() -> None:

@@ -18,10 +18,8 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from sklearn.metrics import roc_auc_score
 
 from model.dpa import DPA
-from tasks.evaluation import ModelEvaluation
-from tasks.metrics import evaluate_scores
-from tasks.mlflow_model import load_reference_scores
-from tasks.registry import (
+from tasks.registry.mlflow_model import load_reference_scores
+from tasks.registry.promotion import (
     CHALLENGER,
     CHAMPION,
     GateRule,
@@ -32,7 +30,9 @@ from tasks.registry import (
     promotion_limit_name,
     register_model,
 )
-from tasks.version_scores import ScoredSet, load_scores, log_scores, scorer_on_test_split
+from tasks.registry.version_scores import ScoredSet, load_scores, log_scores, scorer_on_test_split
+from tasks.training.evaluation import ModelEvaluation
+from tasks.training.metrics import evaluate_scores
 from tests.pipeline.conftest import ImageSet, register, run_config
 
 

@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
 
 from flows.scoring import batch_scoring
-from tasks.scoring import list_inputs, score_inputs
+from tasks.serving.scoring import list_inputs, score_inputs
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
 
 

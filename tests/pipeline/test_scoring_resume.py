@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.score_journal import JOURNAL_CSV, ScoringStateError, output_lock
-from tasks.scoring import SCORES_CSV, score_inputs
+from tasks.serving.journal import JOURNAL_CSV, ScoringStateError, output_lock
+from tasks.serving.scoring import SCORES_CSV, score_inputs
 from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import RES, RegisteredDPA, register
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.seeds import RULE_LOSS, RULE_VAL, SeedCandidate, seed_spread, select_seed
+from tasks.training.seeds import RULE_LOSS, RULE_VAL, SeedCandidate, seed_spread, select_seed
 from tests.tiny import tiny_training
 
 

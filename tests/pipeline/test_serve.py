@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tasks.serving_request import PATH_REFUSED, PATHS_DISABLED
+from tasks.serving.request import PATH_REFUSED, PATHS_DISABLED
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
 from tests.pipeline.malformed_requests import b64, images_payload, malformed_requests, png_header
 from tests.servers import Server, start_server

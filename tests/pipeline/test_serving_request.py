@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.serving_request import (
+from tasks.serving.request import (
     PATH_REFUSED,
     PATHS_DISABLED,
     RequestError,

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.tracking import ensure_experiment, sqlite_database
+from tasks.registry.tracking import ensure_experiment, sqlite_database
 
 
 def test_a_sqlite_store_outside_the_project_keeps_artifacts_beside_its_database(

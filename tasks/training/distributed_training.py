@@ -9,7 +9,7 @@ and writes the trained DPA to `dpa.pt`. A rank that fails leaves its error and t
 torchrun's error file, which the parent raises as `RankFailed`. A stop signal to the parent goes
 on to torchrun, which passes it to the ranks: rank 0 checkpoints and all stop, as in one process.
 
-    torchrun --standalone --nproc-per-node N -m tasks.distributed_training WORK CHECKPOINT_DIR
+    torchrun --standalone --nproc-per-node N -m tasks.training.distributed_training WORK CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from model.distributed import process_group
 from model.dpa import DPA, load_dpa, save_dpa
 from model.progressive import Stage
 from model.trainer import StepCallback, StepInfo, Trainer, seeded_dpa, select_device
-from tasks.interrupt import checkpoint_on_stop, raise_if_stopping, stop_on_signal, stop_requested
+from tasks.runtime.interrupt import checkpoint_on_stop, raise_if_stopping, stop_on_signal, stop_requested
 
 CONFIG, IMAGES, INITIAL, CURVE, RESULT, LOGS = "config.json", "images.pt", "initial.pt", "curve.jsonl", "dpa.pt", "logs"
 POLL_S = 0.2
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RankFailed(RuntimeError):

@@ -9,7 +9,7 @@ warning, and the summary counts it; the other files are still scored.
 scores.csv columns: `path` (relative to the input; the manifest path for a dataset),
 `anomaly_score`, `is_anomaly`, `threshold` (the one `is_anomaly` applies), `label` (only for a
 manifest), `heatmap` (the PNG under
-`heatmaps/`, see `tasks.mlflow_model` for its grey scale), `error`, and the lineage of each row:
+`heatmaps/`, see `tasks.registry.mlflow_model` for its grey scale), `error`, and the lineage of each row:
 `model_uri` (the pinned version, `models:/<name>/<version>`), `model_version` and `input_digest`
 (sha256 of the file's bytes). One row per input file, in input order.
 """
@@ -29,12 +29,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
-from data_layer.images import SUPPORTED_SUFFIXES, ImageReadError, is_image_file, read_image
+from data_layer.images import SUPPORTED_SUFFIXES, is_image_file, read_image
 from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
-from tasks.metrics import binary_labels
-from tasks.interrupt import raise_if_stopping, stop_on_signal
-from tasks.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
-from tasks.score_journal import (
+from data_layer.pixels import ImageReadError
+from tasks.registry.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
+from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal
+from tasks.serving.journal import (
     INPUT_DIGEST,
     KEY,
     MODEL_URI,
@@ -47,6 +47,7 @@ from tasks.score_journal import (
     output_lock,
     resolve_model,
 )
+from tasks.training.metrics import binary_labels
 
 SCORES_CSV, HEATMAP_DIR = "scores.csv", "heatmaps"
 ERROR, FILE = "error", "file"
@@ -123,7 +124,7 @@ def score_inputs(
     """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`).
     `threshold` or `specificity` set the operating point as the serving params do.
 
-    Crash-safe and resumable (see `tasks.score_journal`): rows reach the journal chunk by chunk, a
+    Crash-safe and resumable (see `tasks.serving.journal`): rows reach the journal chunk by chunk, a
     rerun skips what is there, and scores.csv is written (atomically) once every file is scored.
     SIGTERM/SIGINT stop after the current chunk, with everything scored so far kept.
     """

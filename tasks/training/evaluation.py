@@ -1,7 +1,7 @@
 """The training flow's evaluation stage: score the test split, set the threshold, log it all to the run.
 
-The pieces are plain functions elsewhere (`tasks.metrics`, `tasks.baseline_evaluation`,
-`tasks.evaluation_report`), so tests call them without a Prefect server or an MLflow run.
+The pieces are plain functions elsewhere (`tasks.training.metrics`, `tasks.training.baseline_evaluation`,
+`tasks.training.evaluation_report`), so tests call them without a Prefect server or an MLflow run.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from data_layer.manifest import ANOMALY_TYPE, PATH
 from data_layer.preprocessing import PreprocessedDataset
 from model.dpa import DPA
 from model.scoring import anomaly_maps, score_images
-from tasks.baseline_evaluation import baseline_evaluations, baseline_metrics, baseline_warning
-from tasks.evaluation_report import evaluation_artifacts, model_card
-from tasks.metrics import TRAIN_NORMALS, VAL_NORMALS, Evaluation, evaluate_scores, operating_threshold, threshold_rule
+from tasks.training.baseline_evaluation import baseline_evaluations, baseline_metrics, baseline_warning
+from tasks.training.evaluation_report import evaluation_artifacts, model_card
+from tasks.training.metrics import TRAIN_NORMALS, VAL_NORMALS, Evaluation, evaluate_scores, operating_threshold, threshold_rule
 
 if TYPE_CHECKING:  # tasks.config imports the GX gate: seconds, only needed by type checkers here
     from tasks.config import RunConfig

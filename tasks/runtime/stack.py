@@ -27,7 +27,7 @@ import yaml
 from psycopg2 import sql
 
 from tasks.paths import PROJECT_ROOT, project_dir
-from tasks.servers import HOST, start_server
+from tasks.runtime.servers import HOST, start_server
 
 BIN = Path(sys.executable).parent
 POOL = "dpa-pool"
@@ -125,7 +125,7 @@ def prefect_database_url(explicit: str | None, database: str = LOCAL_DATABASE) -
 
 def mlflow_backend_uri() -> str:
     """The project's MLflow store, which the tracking server serves (never another server)."""
-    from tasks.tracking import tracking_uri  # (imports MLflow: only `dpa up` pays for it)
+    from tasks.registry.tracking import tracking_uri  # (imports MLflow: only `dpa up` pays for it)
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):

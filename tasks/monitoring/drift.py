@@ -1,7 +1,7 @@
 """Score drift: does a scored batch still look like the normal images its model version was set on?
 
 Two tests against the version's reference normal scores (`reference_scores.json`, see
-`tasks.pyfunc_model.ReferenceScores`):
+`tasks.registry.pyfunc_model.ReferenceScores`):
 - two-sample Kolmogorov–Smirnov (`scipy.stats.ks_2samp`): any change of the score distribution's
   location or shape, e.g. a new scanner that makes every image look a bit less normal;
 - one-sided exceedance test: more of the batch above the operating threshold than the share of
@@ -18,7 +18,7 @@ probability at most `alpha`. Below `min_batch` scored images no verdict is given
 have too little power to clear a batch. The reference holds normal images only, so a batch with
 many true anomalies departs from it too: the verdict says "not like the reference", not why.
 
-Pure statistics, no Prefect or MLflow: `tasks.monitoring` logs and acts on the report.
+Pure statistics, no Prefect or MLflow: `tasks.monitoring.monitor` logs and acts on the report.
 """
 
 from __future__ import annotations

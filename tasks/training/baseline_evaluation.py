@@ -11,7 +11,7 @@ import torch
 from data_layer.preprocessing import PreprocessedDataset
 from model.baselines import DESCRIPTIONS, fit_baselines
 from model.dpa import center_crop
-from tasks.metrics import Evaluation, evaluate_scores
+from tasks.training.metrics import Evaluation, evaluate_scores
 
 
 def baseline_evaluations(data: PreprocessedDataset, crop: int, seed: int = 0) -> dict[str, Evaluation]:

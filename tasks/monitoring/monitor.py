@@ -1,4 +1,4 @@
-"""Score-drift monitoring of a scored batch: compare (`tasks.drift`), record (MLflow), tell Prefect.
+"""Score-drift monitoring of a scored batch: compare (`tasks.monitoring.drift`), record (MLflow), tell Prefect.
 
 Every monitored batch is one MLflow run in the experiment `<model name>-monitoring`, tagged with the
 model version, its URI and the batch's input digest (sha256 over the sorted per-file digests of
@@ -34,13 +34,13 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel
 
-from tasks.drift import DriftLevels, DriftReport, drift_report
-from tasks.metrics import VAL_NORMALS
-from tasks.mlflow_model import SCORE, LegacyModelError, ReferenceScores, load_reference_scores
-from tasks.model_uri import registered_name
-from tasks.score_journal import INPUT_DIGEST, MODEL_URI, MODEL_VERSION
-from tasks.scoring import ERROR
-from tasks.tracking import ensure_experiment
+from tasks.monitoring.drift import DriftLevels, DriftReport, drift_report
+from tasks.registry.mlflow_model import SCORE, LegacyModelError, ReferenceScores, load_reference_scores
+from tasks.registry.model_uri import registered_name
+from tasks.registry.tracking import ensure_experiment
+from tasks.serving.journal import INPUT_DIGEST, MODEL_URI, MODEL_VERSION
+from tasks.serving.scoring import ERROR
+from tasks.training.metrics import VAL_NORMALS
 
 MONITORING_SUFFIX = "-monitoring"
 DRIFT_EVENT = "dpa.scores.drifted"

@@ -16,7 +16,7 @@ from dvc.config import Config
 from mlflow import MlflowClient
 
 from data_layer.manifest import LABEL, SPLIT, read_manifest
-from tasks.model_uri import registered_name, registered_version
+from tasks.registry.model_uri import registered_name, registered_version
 
 DATASET_NAME = "data"
 DATASET_CONTEXT = "training"

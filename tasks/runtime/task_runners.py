@@ -18,7 +18,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from prefect_dask import DaskTaskRunner
 
 from tasks.paths import project_dir
-from tasks.tracking import tracking_uri
+from tasks.registry.tracking import tracking_uri
 
 DASK_ADDRESS_ENV = "DPA_DASK_ADDRESS"
 RAY = ("prefect_ray", "RayTaskRunner", "prefect-ray")

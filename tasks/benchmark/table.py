@@ -13,9 +13,9 @@ import mlflow
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.benchmark_cells import CellRecord
+from tasks.benchmark.cells import CellRecord
 from tasks.config import RunConfig
-from tasks.seeds import seed_spread
+from tasks.training.seeds import seed_spread
 
 CSV_NAME, MARKDOWN_NAME = "benchmark.csv", "benchmark.md"
 

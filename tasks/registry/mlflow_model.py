@@ -1,10 +1,10 @@
 """Logging and loading the DPA pyfunc model: what `mlflow models serve` and batch scoring load.
 
-No Prefect here. The model is logged from code (`tasks/dpa_model_code.py`, MLflow's models from
+No Prefect here. The model is logged from code (`tasks/registry/dpa_model_code.py`, MLflow's models from
 code): a version holds that file, the project packages (`code/`), the weights as a state_dict
 (read back with `weights_only=True`), the serving config and the reference normal scores
 (`reference_scores.json`). Loading it unpickles nothing. What the model accepts and returns is
-described in `tasks.pyfunc_model`; what a served request may contain in `tasks.serving_request`.
+described in `tasks.registry.pyfunc_model`; what a served request may contain in `tasks.serving.request`.
 
 Versions logged before models from code hold a pickled `python_model.pkl`. `load_scorer` refuses
 them with a message to retrain; `load_dpa_scorer` (batch scoring, re-scoring a champion) reads
@@ -31,7 +31,7 @@ from PIL import Image
 
 from data_layer.preprocessing import PreprocessConfig
 from model.dpa import DPA, save_dpa
-from tasks.pyfunc_model import (
+from tasks.registry.pyfunc_model import (
     HEATMAP,
     HEATMAP_SATURATION,
     IS_ANOMALY,
@@ -48,7 +48,7 @@ from tasks.pyfunc_model import (
     decode_heatmap,
     reference_scores,
 )
-from tasks.serving_request import IMAGE, PATH
+from tasks.serving.request import IMAGE, PATH
 
 __all__ = [
     "CHAMPION", "HEATMAP", "HEATMAP_SATURATION", "IS_ANOMALY", "SCORE", "THRESHOLD", "DPAPyfuncModel",
@@ -120,7 +120,7 @@ def log_dpa_model(
             name=MODEL_ARTIFACT,
             python_model=str(MODEL_CODE),
             artifacts={WEIGHTS: str(weights), SERVING_CONFIG: str(config), REFERENCE_SCORES: str(ref)},
-            code_paths=[str(Path(__file__).resolve().parents[1] / package) for package in _PROJECT_PACKAGES],
+            code_paths=[str(Path(__file__).resolve().parents[2] / package) for package in _PROJECT_PACKAGES],
             pip_requirements=[f"{name}=={version(name)}" for name in _REQUIREMENTS],
             signature=SIGNATURE,
             input_example=input_example(preprocess_cfg),
@@ -141,7 +141,7 @@ def _download(model_uri: str) -> tuple[Path, dict]:
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     flavor = Model.load(local).flavors.get(_PYFUNC)
     if flavor is None:
-        raise TypeError(f"{model_uri} is not a pyfunc model: log it with tasks.mlflow_model.log_dpa_model")
+        raise TypeError(f"{model_uri} is not a pyfunc model: log it with tasks.registry.mlflow_model.log_dpa_model")
     return local, flavor
 
 

@@ -24,8 +24,8 @@ from data_layer import importers
 from data_layer.manifest import MANIFEST_NAME, PATH, read_manifest, resolve_path
 from data_layer.validation import REPORT_NAME, ValidationReport, ValidationRules
 from tasks.config import CONFIG_DIR, PRESETS, RunConfig, apply_overrides
-from tasks.data import DatasetRef, pull_dataset, stage_dataset
-from tasks.validation import validate
+from tasks.training.data import DatasetRef, pull_dataset, stage_dataset
+from tasks.training.validation import validate
 
 
 def preset_files(patterns: list[str]) -> list[Path]:

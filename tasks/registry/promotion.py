@@ -4,7 +4,7 @@ A challenger becomes champion only when its test AUROC is at least `auroc_floor`
 DeLong test on the *same test images* says it is better than the champion's (`superiority`: the
 difference exceeds `promotion_margin`) or not worse by more than a margin (`non_inferiority`), at
 level `alpha`. Both versions' per-image test scores are stored in their runs keyed by data version
-(`tasks.version_scores`); a champion without scores on this data version is re-scored once
+(`tasks.registry.version_scores`); a champion without scores on this data version is re-scored once
 (`score_champion`) and its scores kept for the next challenger.
 
 Order of writes: the challenger's tags (its evaluation, then the decision), and the `champion` alias
@@ -38,10 +38,10 @@ from pydantic import BaseModel, Field
 from sklearn.metrics import roc_auc_score
 
 from model.dpa import DPA
-from tasks.evaluation import ModelEvaluation
-from tasks.mlflow_model import CHAMPION, log_dpa_model
-from tasks.paired_auc import PairedAUROC, paired_delong
-from tasks.version_scores import ScoredSet, aligned, load_scores, log_scores
+from tasks.registry.mlflow_model import CHAMPION, log_dpa_model
+from tasks.registry.paired_auc import PairedAUROC, paired_delong
+from tasks.registry.version_scores import ScoredSet, aligned, load_scores, log_scores
+from tasks.training.evaluation import ModelEvaluation
 
 if TYPE_CHECKING:  # tasks.config imports the GX gate: seconds, only needed by type checkers here
     from tasks.config import RegistryConfig, RunConfig

@@ -24,7 +24,7 @@ import mlflow
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from tasks.model_uri import PREFIX, registered_version
+from tasks.registry.model_uri import PREFIX, registered_version
 
 JOURNAL_CSV = "scores.journal.csv"
 LOCK_FILE = ".scoring.lock"

@@ -19,12 +19,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from data_layer.images import ImageReadError
 from data_layer.manifest import LABEL, PATH, read_manifest, resolve_path, select
-from tasks.evaluation import ModelEvaluation
-from tasks.metrics import binary_labels
-from tasks.mlflow_model import SCORE, load_dpa_scorer
-from tasks.scoring import ERROR, iter_scores
+from data_layer.pixels import ImageReadError
+from tasks.registry.mlflow_model import SCORE, load_dpa_scorer
+from tasks.serving.scoring import ERROR, iter_scores
+from tasks.training.evaluation import ModelEvaluation
+from tasks.training.metrics import binary_labels
 
 SCORES_DIR = "test_scores"
 

@@ -22,9 +22,9 @@ from pydantic import BaseModel
 
 from model.progressive import stage_schedule
 from tasks.config import RunConfig
-from tasks.evaluation import evaluate
-from tasks.tracking import log_config_params
-from tasks.training import train
+from tasks.registry.tracking import log_config_params
+from tasks.training.evaluation import evaluate
+from tasks.training.train import train
 from tasks.tuning.data import SearchData
 from tasks.tuning.trial import child_run
 

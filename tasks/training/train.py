@@ -11,9 +11,9 @@ from prefect.cache_policies import NO_CACHE
 from model.config import DPAConfig
 from model.dpa import DPA
 from model.trainer import Trainer
-from tasks.distributed_training import train_distributed
-from tasks.interrupt import checkpoint_on_stop, stop_on_signal
-from tasks.tracking import MetricsLogger
+from tasks.registry.tracking import MetricsLogger
+from tasks.runtime.interrupt import checkpoint_on_stop, stop_on_signal
+from tasks.training.distributed_training import train_distributed
 
 
 @task(name="train-dpa", cache_policy=NO_CACHE)

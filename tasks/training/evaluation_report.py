@@ -15,8 +15,8 @@ import torch
 from sklearn.metrics import roc_curve
 
 from model.dpa import center_crop
-from tasks.baseline_evaluation import baseline_section
-from tasks.metrics import FIXED_SPECIFICITY, Evaluation, binary_labels
+from tasks.training.baseline_evaluation import baseline_section
+from tasks.training.metrics import FIXED_SPECIFICITY, Evaluation, binary_labels
 
 HEATMAP_SAMPLES_PER_CLASS = 4
 

@@ -10,7 +10,7 @@ reads its own files and does not go through these checks.
 Limits (environment variables read when the model loads, so set them before `mlflow models serve`):
 `DPA_SERVE_MAX_ROWS` (images per request, default 256), `DPA_SERVE_MAX_IMAGE_BYTES` (decoded
 bytes per image, default 64 MiB), `DPA_SERVE_MAX_PIXELS` (pixels per image from its header,
-default `data_layer.images.DEFAULT_MAX_PIXELS`).
+default `data_layer.pixels.DEFAULT_MAX_PIXELS`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, PositiveInt
 
-from data_layer.images import DEFAULT_MAX_PIXELS
+from data_layer.pixels import DEFAULT_MAX_PIXELS
 
 IMAGE, PATH = "image", "path"
 PATH_ROOT_ENV, MAX_ROWS_ENV = "DPA_SERVE_PATH_ROOT", "DPA_SERVE_MAX_ROWS"
