@@ -94,7 +94,7 @@ def test_evaluate_logs_baseline_metrics_and_card(mlflow_store: str, tiny_dpa: DP
 def test_metrics_table_and_console_line_show_the_baselines_and_the_warning() -> None:
     from dataclasses import asdict
 
-    from flows.training import TrainingSummary, baseline_line, baseline_rows
+    from tasks.training.summary import TrainingSummary, baseline_line, baseline_rows
 
     warning = baseline_warning(0.76, {"pca": _e(0.83)})
     summary = TrainingSummary(
