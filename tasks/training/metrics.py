@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel
-from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from data_layer.manifest import ABNORMAL, LABELS
@@ -19,7 +19,10 @@ FIXED_SPECIFICITY = 0.95
 
 
 class Evaluation(BaseModel):
-    """Test-set metrics of one model; `auroc_ci_*` is a stratified-bootstrap 95% percentile interval."""
+    """Test-set metrics of one model. `auroc_ci_*` is a 95% bootstrap percentile interval that
+    resamples patients (groups) where the test set names them, images otherwise.
+    `sensitivity_at_95_specificity` uses a threshold fitted on these same test scores: optimistic,
+    a figure for comparing models, not what serving does (see `OperatingPoint`)."""
 
     auroc: float
     auprc: float
@@ -28,10 +31,26 @@ class Evaluation(BaseModel):
     auroc_ci_high: float
     n_normal: int
     n_abnormal: int
+    n_groups: int = 0
+    """Patients resampled by the interval; equal to the image count when each image is its own."""
 
     def as_mlflow_metrics(self, prefix: str = "test_") -> dict[str, float]:
         """The figures as MLflow metric names (`test_auroc`, ...)."""
         return {f"{prefix}{key}": float(value) for key, value in self.model_dump().items()}
+
+
+class OperatingPoint(BaseModel):
+    """Sensitivity and specificity on the test split at the registered threshold: what serving does
+    by default (the threshold was fitted on validation or training normals, never on test)."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+    @classmethod
+    def of(cls, labels: Sequence | np.ndarray, scores: Sequence | np.ndarray, threshold: float) -> OperatingPoint:
+        y, flagged = binary_labels(labels), np.asarray(scores, dtype=np.float64) > threshold
+        return cls(threshold=threshold, sensitivity=float(flagged[y == 1].mean()), specificity=float((~flagged[y == 0]).mean()))
 
 
 def binary_labels(labels: Sequence | np.ndarray) -> np.ndarray:
@@ -48,12 +67,14 @@ def binary_labels(labels: Sequence | np.ndarray) -> np.ndarray:
 
 
 def evaluate_scores(
-    labels: Sequence | np.ndarray, scores: Sequence | np.ndarray, seed: int = 0, n_bootstrap: int = 1000
+    labels: Sequence | np.ndarray, scores: Sequence | np.ndarray, seed: int = 0, n_bootstrap: int = 1000,
+    groups: Sequence | np.ndarray | None = None,
 ) -> Evaluation:
     """AUROC, AUPRC and sensitivity at 95% specificity, with a bootstrap CI on the AUROC.
 
-    The CI resamples normals and abnormals separately (stratified), so every resample keeps the
-    test set's class balance and AUROC is always defined.
+    The CI resamples whole patients when `groups` names them (images of one patient are correlated,
+    and an interval over images is too narrow), images otherwise; either way stratified (patients
+    with an abnormal image apart from the others), so every resample keeps both classes.
     """
     y, s = binary_labels(labels), np.asarray(scores, dtype=np.float64)
     if y.shape != s.shape:
@@ -63,7 +84,10 @@ def evaluate_scores(
     n_abnormal = int(y.sum())
     if n_abnormal == 0 or n_abnormal == len(y):
         raise ValueError("AUROC needs both normal and abnormal test images; the test split has only one class")
-    low, high = _bootstrap_auroc_ci(s[y == 0], s[y == 1], np.random.default_rng(seed), n_bootstrap)
+    cluster = np.arange(len(y)) if groups is None else pd.factorize(np.asarray(groups))[0]  # in order of first image
+    if len(cluster) != len(y):
+        raise ValueError(f"{len(y)} labels but {len(cluster)} groups")
+    low, high = cluster_bootstrap_auroc_ci(y, s, cluster, np.random.default_rng(seed), n_bootstrap)
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     return Evaluation(
         auroc=float(roc_auc_score(y, s)),
@@ -73,18 +97,28 @@ def evaluate_scores(
         auroc_ci_high=high,
         n_normal=len(y) - n_abnormal,
         n_abnormal=n_abnormal,
+        n_groups=int(cluster.max()) + 1,
     )
 
 
-def _bootstrap_auroc_ci(
-    normal: np.ndarray, abnormal: np.ndarray, rng: np.random.Generator, n: int
+def cluster_bootstrap_auroc_ci(
+    y: np.ndarray, s: np.ndarray, cluster: np.ndarray, rng: np.random.Generator, n: int
 ) -> tuple[float, float]:
-    """All resamples at once: AUROC per row from the Mann-Whitney rank sum (ties count one half)."""
-    normal_rows = normal[rng.integers(0, len(normal), (n, len(normal)))]
-    abnormal_rows = abnormal[rng.integers(0, len(abnormal), (n, len(abnormal)))]
-    resampled = np.concatenate([normal_rows, abnormal_rows], axis=1)
-    abnormal_ranks = rankdata(resampled, axis=1)[:, len(normal) :].sum(axis=1)
-    aurocs = (abnormal_ranks - len(abnormal) * (len(abnormal) + 1) / 2) / (len(normal) * len(abnormal))
+    """95% percentile interval of the AUROC over `n` resamples of whole clusters (0..G-1 per image),
+    drawn separately among clusters without and with an abnormal image. All resamples at once: a
+    resample is a count per cluster, and its AUROC the count-weighted Mann-Whitney statistic (ties
+    one half). With one image per cluster this is the stratified per-image bootstrap."""
+    n_clusters = int(cluster.max()) + 1
+    has_abnormal = np.zeros(n_clusters, bool)
+    has_abnormal[cluster[y == 1]] = True
+    counts = np.zeros((n, n_clusters))
+    for stratum in (np.flatnonzero(~has_abnormal), np.flatnonzero(has_abnormal)):
+        draws = stratum[rng.integers(0, len(stratum), (n, len(stratum)))]
+        np.add.at(counts, (np.arange(n)[:, None], draws), 1.0)
+    abnormal, normal = s[y == 1], s[y == 0]
+    wins = (abnormal[:, None] > normal[None, :]) + 0.5 * (abnormal[:, None] == normal[None, :])
+    w_abnormal, w_normal = counts[:, cluster[y == 1]], counts[:, cluster[y == 0]]
+    aurocs = ((w_abnormal @ wins) * w_normal).sum(axis=1) / (w_abnormal.sum(axis=1) * w_normal.sum(axis=1))
     low, high = np.percentile(aurocs, [2.5, 97.5])
     return float(low), float(high)
 
