@@ -73,12 +73,15 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         decision = promote_model(
             cfg.registry.model_name, version, ScoredSet.of(evaluation), dataset.version,
             GateRule.of(cfg.registry), scorer_on_test_split(dataset.path),
+            baselines=evaluation.baseline_scores, vgg_weights=dpa.vgg_source,
         )
     for checkpoints in trained.checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)  # registered: nothing left to resume
     summary = TrainingSummary.of(run.info, cfg, dataset.version, trained, decision)
     publish(summary, f"{tracking_ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     result = asdict(summary)
-    print(f"test AUROC {summary.auroc:.4f} (95% CI {summary.auroc_ci[0]:.4f}–{summary.auroc_ci[1]:.4f}); {decision.summary}")
+    patients = trained.evaluation.metrics.n_groups
+    print(f"test AUROC {summary.auroc:.4f} (95% CI {summary.auroc_ci[0]:.4f}–{summary.auroc_ci[1]:.4f}, "
+          f"bootstrap over {patients} patients); {decision.summary}")
     print(baseline_line(result))
     return result

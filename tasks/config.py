@@ -65,7 +65,12 @@ class RegistryConfig(BaseModel):
         description="superiority: promote when the challenger's AUROC is significantly above the champion's "
         "(by more than promotion_margin); non_inferiority: when it is significantly above champion − non_inferiority_margin",
     )
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="one-sided significance level of the paired DeLong test")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="one-sided significance level of the paired tests (clustered by patient)")
+    beat_baseline: bool = Field(
+        True,
+        description="promote only a challenger that beats the best pixel baseline (PCA, mean image) on the same test "
+        "images: a one-sided paired test at alpha, H0: AUROC difference ≤ 0",
+    )
     non_inferiority_margin: float = Field(0.02, ge=0, description="AUROC loss tolerated by the non_inferiority gate")
     threshold_quantile: float = Field(
         0.95, description="operating threshold = this quantile of the scores of normal validation images"

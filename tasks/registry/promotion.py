@@ -1,9 +1,12 @@
 """Promotion through registry aliases: every new version is `challenger`; a paired gate decides `champion`.
 
-A challenger becomes champion only when its test AUROC is at least `auroc_floor` and a one-sided
-DeLong test on the *same test images* says it is better than the champion's (`superiority`: the
-difference exceeds `promotion_margin`) or not worse by more than a margin (`non_inferiority`), at
-level `alpha`. Both versions' per-image test scores are stored in their runs keyed by data version
+A challenger becomes champion only when its test AUROC is at least `auroc_floor`, it beats the best
+pixel baseline on the same test images (`beat_baseline`: a one-sided paired test at `alpha`, H0:
+difference ≤ 0), and a one-sided paired test on the *same test images* says it is better than the
+champion's (`superiority`: the difference exceeds `promotion_margin`) or not worse by more than a
+margin (`non_inferiority`), at level `alpha`. The paired tests are Obuchowski's clustered test where
+the test images name their patients (DeLong's where each image is its own), so several images of
+one patient do not count as independent evidence. Both versions' per-image test scores are stored in their runs keyed by data version
 (`tasks.registry.version_scores`); a champion without scores on this data version is re-scored once
 (`score_champion`) and its scores kept for the next challenger.
 
@@ -25,6 +28,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from prefect import get_run_logger, task
@@ -55,7 +59,7 @@ MAX_DECISIONS = 5
 PROMOTION_WAIT_S = 3600
 """How long a promotion waits for another one (re-scoring a champion can take minutes) before failing."""
 
-Outcome = Literal["promoted", "kept champion", "rejected: below floor"]
+Outcome = Literal["promoted", "kept champion", "rejected: below floor", "rejected: does not beat baseline"]
 
 
 class GateRule(BaseModel):
@@ -66,6 +70,7 @@ class GateRule(BaseModel):
     promotion_margin: float = 0.0
     non_inferiority_margin: float = Field(0.02, ge=0)
     auroc_floor: float = 0.6
+    beat_baseline: bool = True
 
     @classmethod
     def of(cls, registry: RegistryConfig) -> GateRule:
@@ -78,8 +83,9 @@ class GateRule(BaseModel):
 
     @property
     def summary(self) -> str:
-        return (f"{self.gate}: promote if AUROC difference > {self.null_difference:g} at one-sided DeLong "
-                f"p < {self.alpha:g}; floor {self.auroc_floor:g}")
+        baseline = "; must beat the best pixel baseline (one-sided p < alpha)" if self.beat_baseline else "; baselines not checked"
+        return (f"{self.gate}: promote if AUROC difference > {self.null_difference:g} at one-sided paired "
+                f"p < {self.alpha:g}; floor {self.auroc_floor:g}{baseline}")
 
 
 class ChampionFigure(BaseModel):
@@ -102,6 +108,10 @@ class PromotionDecision(BaseModel):
     champion: ChampionFigure | None
     comparison: PairedAUROC | None
     rule: GateRule
+    baseline_name: str | None = None
+    baseline: PairedAUROC | None = None
+    """The challenger against the best pixel baseline on the same images (None: no baseline scores)."""
+    vgg_weights: str = ""
 
     @property
     def promoted(self) -> bool:
@@ -110,7 +120,20 @@ class PromotionDecision(BaseModel):
     @property
     def summary(self) -> str:
         challenger = f"{self.model_name} v{self.version} (test AUROC {self.challenger_auroc:.4f}, data {self.data_version})"
-        return f"{self.outcome}: {challenger} vs {self._against()}{self._paired()}; rule {self.rule.summary}"
+        return (f"{self.outcome}: {challenger} vs {self._against()}{self._paired()}{self._baseline()}"
+                f"{self._weights()}; rule {self.rule.summary}")
+
+    def _baseline(self) -> str:
+        b = self.baseline
+        if b is None:
+            return "; no baseline scores to check" if self.rule.beat_baseline else ""
+        return (f"; vs the {self.baseline_name} baseline (AUROC {b.champion_auroc:.4f}): difference "
+                f"{b.difference:+.4f}, one-sided p {b.p_value:.4g} ({b.method})")
+
+    def _weights(self) -> str:
+        if "random" not in self.vgg_weights:
+            return ""
+        return f"; trained with RANDOM VGG19 weights ({self.vgg_weights}), not the paper's perceptual space"
 
     def _against(self) -> str:
         champion = self.champion
@@ -127,11 +150,17 @@ class PromotionDecision(BaseModel):
         if c is None:
             return ""
         return (f"; difference {c.difference:+.4f} ({c.confidence:.0%} CI {c.ci_low:+.4f} to {c.ci_high:+.4f}), "
-                f"DeLong z {c.z:.2f}, one-sided p {c.p_value:.4g}")
+                f"{c.method} z {c.z:.2f}, one-sided p {c.p_value:.4g}")
 
     def tags(self) -> dict[str, str]:
-        champion, c = self.champion, self.comparison
+        champion, c, b = self.champion, self.comparison, self.baseline
         return {
+            f"{DECISION_PREFIX}beat_baseline": str(self.rule.beat_baseline).lower(),
+            f"{DECISION_PREFIX}baseline": self.baseline_name or "",
+            f"{DECISION_PREFIX}baseline_auroc": f"{b.champion_auroc:.6f}" if b else "",
+            f"{DECISION_PREFIX}baseline_p_value": f"{b.p_value:.6g}" if b else "",
+            f"{DECISION_PREFIX}test_method": (c or b).method if (c or b) else "",
+            f"{DECISION_PREFIX}vgg_weights": self.vgg_weights,
             f"{DECISION_PREFIX}decision": self.outcome,
             f"{DECISION_PREFIX}summary": self.summary,
             f"{DECISION_PREFIX}rule": self.rule.summary,
@@ -160,16 +189,27 @@ class PromotionDecision(BaseModel):
         if c is not None:
             rows += [("AUROC difference", f"{c.difference:+.4f}"),
                      (f"{c.confidence:.0%} CI", f"{c.ci_low:+.4f} to {c.ci_high:+.4f}"),
-                     ("H0", f"difference ≤ {c.null_difference:g}"), ("DeLong z", f"{c.z:.3f}"),
+                     ("H0", f"difference ≤ {c.null_difference:g}"), (f"{c.method} z", f"{c.z:.3f}"),
                      ("one-sided p", f"{c.p_value:.4g}"), ("test images", f"{c.n_normal} normal, {c.n_abnormal} abnormal")]
+        if self.baseline is not None:
+            b = self.baseline
+            rows += [(f"{self.baseline_name} baseline", f"AUROC {b.champion_auroc:.4f}; difference {b.difference:+.4f}, "
+                                                        f"one-sided p {b.p_value:.4g}")]
+        if "random" in self.vgg_weights:
+            rows.append(("VGG19 weights", f"{self.vgg_weights}: random, not the paper's perceptual space"))
         table = "\n".join(f"| {k} | {v} |" for k, v in rows)
         return f"## Promotion decision\n\n{self.summary}\n\n| | |\n|---|---|\n{table}\n"
 
 
-def decide(challenger_auroc: float, comparison: PairedAUROC | None, rule: GateRule) -> Outcome:
-    """The gate itself: the floor first, then the paired test (a first version needs only the floor)."""
+def decide(
+    challenger_auroc: float, comparison: PairedAUROC | None, rule: GateRule, baseline: PairedAUROC | None = None
+) -> Outcome:
+    """The gate itself: the floor, then the best baseline, then the paired test against the champion
+    (a first version needs only the floor and the baseline)."""
     if challenger_auroc < rule.auroc_floor:
         return "rejected: below floor"
+    if rule.beat_baseline and baseline is not None and not baseline.p_value < rule.alpha:
+        return "rejected: does not beat baseline"
     if comparison is None or comparison.p_value < rule.alpha:
         return "promoted"
     return "kept champion"
@@ -184,12 +224,15 @@ def promote_version(
     rule: GateRule,
     score_champion: Callable[[str], ScoredSet],
     client: MlflowClient | None = None,
+    baselines: dict[str, list[float]] | None = None,
+    vgg_weights: str = "",
 ) -> PromotionDecision:
     """Make `version` the challenger and move `champion` to it if it passes the gate.
 
     `test_scores` are the challenger's per-image scores on this data version's test split (stored in
     its run); `score_champion(model_uri)` scores another version on the same split, called only when
-    that version has no stored scores for this data version.
+    that version has no stored scores for this data version. `baselines` are the pixel baselines'
+    scores of the same images, in the same order; `vgg_weights` the challenger's VGG source.
     """
     client, version = client or MlflowClient(), str(version)
     labels, scores = test_scores.labels, test_scores.scores
@@ -205,12 +248,14 @@ def promote_version(
     client.set_model_version_tag(model_name, version, TAG_AUROC, f"{test_auroc:.6f}")
     client.set_model_version_tag(model_name, version, TAG_DATA_VERSION, data_version)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
+    baseline_name, baseline = _against_best_baseline(test_scores, baselines or {}, rule)
     champion = _champion(client, model_name)
     for _ in range(MAX_DECISIONS):
         figure, comparison = _compare(client, champion, test_scores, data_version, rule, score_champion) if champion else (None, None)
         decision = PromotionDecision(
-            model_name=model_name, version=version, outcome=decide(test_auroc, comparison, rule),
+            model_name=model_name, version=version, outcome=decide(test_auroc, comparison, rule, baseline),
             challenger_auroc=test_auroc, data_version=data_version, champion=figure, comparison=comparison, rule=rule,
+            baseline_name=baseline_name, baseline=baseline, vgg_weights=vgg_weights,
         )
         for key, value in decision.tags().items():
             client.set_model_version_tag(model_name, version, key, value)
@@ -225,6 +270,20 @@ def promote_version(
         f"{model_name}: the champion changed {MAX_DECISIONS} times while v{version} was being promoted; "
         "promotions are not serialised. Run promotion through the `promote_model` task (global concurrency limit)."
     )
+
+
+def _groups(scored: ScoredSet) -> np.ndarray | None:
+    return np.asarray(scored.groups) if scored.groups else None
+
+
+def _against_best_baseline(
+    challenger: ScoredSet, baselines: dict[str, list[float]], rule: GateRule
+) -> tuple[str | None, PairedAUROC | None]:
+    """The challenger against the baseline with the highest AUROC on the same images (H0: not better)."""
+    if not baselines:
+        return None, None
+    name = max(baselines, key=lambda b: roc_auc_score(challenger.labels, baselines[b]))
+    return name, paired_delong(challenger.labels, challenger.scores, baselines[name], 0.0, rule.alpha, _groups(challenger))
 
 
 def _champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
@@ -250,7 +309,7 @@ def _compare(
         if champion.run_id:
             log_scores(client, champion.run_id, data_version, theirs)
     labels, ours, theirs_aligned = aligned(challenger, theirs)
-    comparison = paired_delong(labels, ours, theirs_aligned, rule.null_difference, rule.alpha)
+    comparison = paired_delong(labels, ours, theirs_aligned, rule.null_difference, rule.alpha, _groups(challenger))
     figure = ChampionFigure(
         version=str(champion.version), auroc=comparison.champion_auroc,
         data_version=champion.tags.get(TAG_DATA_VERSION) or "unknown", rescored=rescored,
@@ -312,6 +371,8 @@ def promote_model(
     data_version: str,
     rule: GateRule,
     score_champion: Callable[[str], ScoredSet],
+    baselines: dict[str, list[float]] | None = None,
+    vgg_weights: str = "",
 ) -> PromotionDecision:
     """`promote_version` under a one-slot global concurrency limit per model: runs that finish
     together (other processes, other machines) take turns at the champion alias."""
@@ -319,6 +380,7 @@ def promote_model(
     with concurrency(limit, occupy=1, strict=True, timeout_seconds=PROMOTION_WAIT_S):
         decision = promote_version(
             model_name, version, test_scores, data_version, rule=rule, score_champion=score_champion,
+            baselines=baselines, vgg_weights=vgg_weights,
         )
     get_run_logger().info(decision.summary)
     create_markdown_artifact(

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from data_layer.manifest import LABEL, PATH, read_manifest, resolve_path, select
+from data_layer.manifest import GROUP, LABEL, PATH, read_manifest, resolve_path, select
 from data_layer.pixels import ImageReadError
 from tasks.registry.mlflow_model import SCORE, load_dpa_scorer
 from tasks.serving.scoring import ERROR, iter_scores
@@ -30,23 +30,28 @@ SCORES_DIR = "test_scores"
 
 
 class ScoredSet(BaseModel):
-    """One model's scores on a test set: `paths` identify the images, labels are 1 for abnormal."""
+    """One model's scores on a test set: `paths` identify the images, labels are 1 for abnormal,
+    `groups` name each image's patient (empty in scores stored before patients were recorded)."""
 
     paths: list[str]
     labels: list[int]
     scores: list[float]
+    groups: list[str] = []
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({PATH: self.paths, LABEL: self.labels, SCORE: self.scores})
+        frame = pd.DataFrame({PATH: self.paths, LABEL: self.labels, SCORE: self.scores})
+        return frame.assign(**{GROUP: self.groups}) if self.groups else frame
 
     @classmethod
     def of(cls, evaluation: ModelEvaluation) -> ScoredSet:
-        return cls(paths=evaluation.test_paths, labels=evaluation.test_labels, scores=evaluation.test_scores)
+        return cls(paths=evaluation.test_paths, labels=evaluation.test_labels, scores=evaluation.test_scores,
+                   groups=evaluation.test_groups)
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> ScoredSet:
+        groups = frame[GROUP].astype(str).tolist() if GROUP in frame else []
         return cls(paths=frame[PATH].astype(str).tolist(), labels=frame[LABEL].astype(int).tolist(),
-                   scores=frame[SCORE].astype(float).tolist())
+                   scores=frame[SCORE].astype(float).tolist(), groups=groups)
 
 
 def scores_artifact_path(data_version: str) -> str:
@@ -70,7 +75,7 @@ def load_scores(client: MlflowClient, run_id: str | None, data_version: str) -> 
             local = client.download_artifacts(run_id, scores_artifact_path(data_version), tmp)
         except (MlflowException, OSError):
             return None
-        return ScoredSet.from_frame(pd.read_csv(local, dtype={PATH: str}, keep_default_na=False))
+        return ScoredSet.from_frame(pd.read_csv(local, dtype={PATH: str, GROUP: str}, keep_default_na=False))
 
 
 def aligned(challenger: ScoredSet, champion: ScoredSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,7 +105,7 @@ def scorer_on_test_split(dataset_dir: str | Path) -> Callable[[str], ScoredSet]:
         if len(failed):
             raise ImageReadError(f"re-scoring {model_uri} failed on {len(failed)} test file(s): {'; '.join(failed[ERROR][:5])}")
         return ScoredSet(paths=test[PATH].astype(str).tolist(), labels=binary_labels(test[LABEL]).tolist(),
-                         scores=frames[SCORE].astype(float).tolist())
+                         scores=frames[SCORE].astype(float).tolist(), groups=test[GROUP].astype(str).tolist())
 
     return score
 

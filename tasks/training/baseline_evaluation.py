@@ -6,25 +6,36 @@ earned its place; the figures go into the metrics, the model card and the CLI su
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from data_layer.manifest import GROUP
 from data_layer.preprocessing import PreprocessedDataset
 from model.baselines import DESCRIPTIONS, fit_baselines
 from model.dpa import center_crop
 from tasks.training.metrics import Evaluation, evaluate_scores
 
 
-def baseline_evaluations(data: PreprocessedDataset, crop: int, seed: int = 0) -> dict[str, Evaluation]:
-    """Each pixel-space baseline fitted on the training normals only, scored on the test split.
+def baseline_test_scores(data: PreprocessedDataset, crop: int) -> dict[str, np.ndarray]:
+    """Each pixel-space baseline fitted on the training normals only, its scores of the test split.
 
     Images are centre-cropped to `crop` (the DPA's max_res) as the DPA scores them."""
     def view(images: torch.Tensor) -> torch.Tensor:
         return center_crop(images, crop) if images.shape[-1] > crop else images
 
     fitted = fit_baselines(view(data.subset(split="train", label="normal").images))
+    return fitted.score(view(data.subset(split="test").images))
+
+
+def baseline_evaluations(
+    data: PreprocessedDataset, crop: int, seed: int = 0, scores: dict[str, np.ndarray] | None = None
+) -> dict[str, Evaluation]:
+    """Each baseline's test metrics, with the DPA's interval (patients resampled where the manifest
+    names them); `scores` from `baseline_test_scores` when already computed."""
     test = data.subset(split="test")
-    scores = fitted.score(view(test.images))
-    return {name: evaluate_scores(test.labels.numpy(), s, seed=seed) for name, s in scores.items()}
+    scores = baseline_test_scores(data, crop) if scores is None else scores
+    groups = test.manifest[GROUP].astype(str).to_numpy()
+    return {name: evaluate_scores(test.labels.numpy(), s, seed=seed, groups=groups) for name, s in scores.items()}
 
 
 def baseline_warning(dpa_auroc: float, baselines: dict[str, Evaluation]) -> str | None:

@@ -20,13 +20,21 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 from sklearn.metrics import roc_auc_score
 
-from data_layer.manifest import ANOMALY_TYPE, PATH
+from data_layer.manifest import ANOMALY_TYPE, GROUP, PATH
 from data_layer.preprocessing import PreprocessedDataset
 from model.dpa import DPA
 from model.scoring import anomaly_maps, score_images
-from tasks.training.baseline_evaluation import baseline_evaluations, baseline_metrics, baseline_warning
+from tasks.training.baseline_evaluation import baseline_evaluations, baseline_metrics, baseline_test_scores, baseline_warning
 from tasks.training.evaluation_report import evaluation_artifacts, model_card
-from tasks.training.metrics import TRAIN_NORMALS, VAL_NORMALS, Evaluation, evaluate_scores, operating_threshold, threshold_rule
+from tasks.training.metrics import (
+    TRAIN_NORMALS,
+    VAL_NORMALS,
+    Evaluation,
+    OperatingPoint,
+    evaluate_scores,
+    operating_threshold,
+    threshold_rule,
+)
 
 if TYPE_CHECKING:  # tasks.config imports the GX gate: seconds, only needed by type checkers here
     from tasks.config import RunConfig
@@ -43,10 +51,15 @@ class ModelEvaluation(BaseModel):
     val_auroc: float | None = None
     baselines: dict[str, Evaluation] = {}
 
+    operating_point: OperatingPoint | None = None
+    """Test sensitivity and specificity at `threshold`: what serving does by default."""
     test_paths: list[str] = []
     test_labels: list[int] = []
+    test_groups: list[str] = []
     test_scores: list[float] = []
-    """Per-image test scores (manifest paths, 1 = abnormal): the paired promotion gate compares them."""
+    """Per-image test scores (manifest paths, 1 = abnormal, patient groups): the paired promotion gate compares them."""
+    baseline_scores: dict[str, list[float]] = {}
+    """Each pixel baseline's per-image test scores, in the same order: the gate's baseline check."""
     normal_scores: list[float] = []
     """The scores the threshold was set on: the version's reference distribution (drift, specificity)."""
     normal_source: str = VAL_NORMALS
@@ -71,15 +84,20 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         log.warning("no normal validation images: the threshold comes from the training normals")
         normal_scores = score_images(dpa, data.subset(split="train", label="normal").images, batch).numpy()
         source = TRAIN_NORMALS
+    groups, seed = test.manifest[GROUP].astype(str).to_numpy(), cfg.dpa.train.seed
+    threshold = operating_threshold(normal_scores, quantile)
+    baseline_scores = baseline_test_scores(data, dpa.max_res)
     result = ModelEvaluation(
-        metrics=evaluate_scores(test_labels, test_scores, seed=cfg.dpa.train.seed),
-        threshold=operating_threshold(normal_scores, quantile),
+        metrics=evaluate_scores(test_labels, test_scores, seed=seed, groups=groups),
+        threshold=threshold,
         threshold_rule=threshold_rule(quantile, source),
+        operating_point=OperatingPoint.of(test_labels, test_scores, threshold),
         val_auroc=float(roc_auc_score(val_labels, val_scores)) if 0 < val_labels.sum() < len(val_labels) else None,
-        baselines=baseline_evaluations(data, dpa.max_res, seed=cfg.dpa.train.seed),
+        baselines=baseline_evaluations(data, dpa.max_res, seed=seed, scores=baseline_scores),
         test_paths=test.manifest[PATH].astype(str).tolist(), test_labels=test_labels.astype(int).tolist(),
-        test_scores=test_scores.astype(float).tolist(), normal_scores=normal_scores.astype(float).tolist(),
-        normal_source=source, threshold_quantile=quantile,
+        test_groups=groups.tolist(), test_scores=test_scores.astype(float).tolist(),
+        baseline_scores={name: s.astype(float).tolist() for name, s in baseline_scores.items()},
+        normal_scores=normal_scores.astype(float).tolist(), normal_source=source, threshold_quantile=quantile,
     )
     if result.baseline_warning:
         log.warning(result.baseline_warning)
@@ -90,6 +108,7 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
         threshold_rule=result.threshold_rule, vgg_source=dpa.vgg_source,
         image_size=cfg.preprocess.size, image_channels=cfg.preprocess.channels,
         feature_stats=dpa.feature_stats, dead_channels=dpa.perceptual.dead_channel_summary(), baselines=result.baselines,
+        operating_point=result.operating_point,
     )
     types = test.manifest[ANOMALY_TYPE]
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +124,10 @@ def evaluate(dpa: DPA, data: PreprocessedDataset, cfg: RunConfig, data_version: 
 
 
 def _log_metrics(result: ModelEvaluation, run_id: str) -> None:
-    figures = result.metrics.as_mlflow_metrics() | {"operating_threshold": result.threshold} | baseline_metrics(result.baselines)
+    point = result.operating_point
+    figures = (result.metrics.as_mlflow_metrics() | {"operating_threshold": result.threshold}
+               | {"test_sensitivity_at_threshold": point.sensitivity, "test_specificity_at_threshold": point.specificity}
+               | baseline_metrics(result.baselines))
     if result.val_auroc is not None:
         figures["val_auroc"] = result.val_auroc
     now = get_current_time_millis()

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_curve
 
 from model.dpa import center_crop
 from tasks.training.baseline_evaluation import baseline_section
-from tasks.training.metrics import FIXED_SPECIFICITY, Evaluation, binary_labels
+from tasks.training.metrics import FIXED_SPECIFICITY, Evaluation, OperatingPoint, binary_labels
 
 HEATMAP_SAMPLES_PER_CLASS = 4
 
@@ -104,6 +104,20 @@ def _top(scores: np.ndarray, mask: np.ndarray) -> list[int]:
     return indices[np.argsort(-scores[indices], kind="stable")][:HEATMAP_SAMPLES_PER_CLASS].tolist()
 
 
+def interval_name(e: Evaluation) -> str:
+    """How the AUROC interval was resampled: patients where the test set names them."""
+    if e.n_groups and e.n_groups < e.n_normal + e.n_abnormal:
+        return f"bootstrap over {e.n_groups} patients (their images are not independent), stratified"
+    return "stratified bootstrap over images"
+
+
+def operating_point_line(point: OperatingPoint | None) -> str:
+    if point is None:
+        return ""
+    return (f"At this threshold, on the test split: sensitivity {point.sensitivity:.4f}, specificity "
+            f"{point.specificity:.4f}: what serving does by default (the threshold never saw the test split).")
+
+
 def model_card(
     evaluation: Evaluation,
     *,
@@ -118,6 +132,7 @@ def model_card(
     feature_stats: str | None = None,
     dead_channels: str | None = None,
     baselines: dict[str, Evaluation] | None = None,
+    operating_point: OperatingPoint | None = None,
 ) -> str:
     """The Markdown model card logged next to the model: what it is for and what it is not."""
     e = evaluation
@@ -144,12 +159,13 @@ only. **Not a medical device; not for diagnosis or any clinical decision.**
 ## Metrics (test split)
 | metric | value |
 |---|---|
-| AUROC | {e.auroc:.4f} (95% CI {e.auroc_ci_low:.4f}–{e.auroc_ci_high:.4f}, stratified bootstrap) |
+| AUROC | {e.auroc:.4f} (95% CI {e.auroc_ci_low:.4f}–{e.auroc_ci_high:.4f}, {interval_name(e)}) |
 | AUPRC | {e.auprc:.4f} |
-| sensitivity at 95% specificity | {e.sensitivity_at_95_specificity:.4f} |{baseline_section(e.auroc, baselines or {})}
+| sensitivity at 95% specificity, threshold fitted on these test scores (optimistic: for comparing models) | {e.sensitivity_at_95_specificity:.4f} |{baseline_section(e.auroc, baselines or {})}
 
 ## Operating threshold
 `{threshold:.6g}`: {threshold_rule}. `is_anomaly` in the served output is `anomaly_score > threshold`.
+{operating_point_line(operating_point)}
 
 ## Method details
 - perceptual network: VGG19 features, weights source: {vgg_source}; feature statistics: {feature_stats or "not recorded"}

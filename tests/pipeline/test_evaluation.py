@@ -17,7 +17,7 @@ from model.dpa import DPA
 from model.scoring import score_images
 from tasks.training.evaluation import evaluate
 from tasks.training.evaluation_report import evaluation_artifacts, model_card
-from tasks.training.metrics import Evaluation, evaluate_scores, operating_threshold, threshold_rule
+from tasks.training.metrics import Evaluation, OperatingPoint, evaluate_scores, operating_threshold, threshold_rule
 from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import RES, run_config
 
@@ -109,8 +109,16 @@ def test_model_card_states_use_metrics_threshold_and_limits() -> None:
         threshold_rule=threshold_rule(0.95), vgg_source="random:seed=0", image_size=32, image_channels=1,
     )
     for expected in ("# Model card: dpa-x", "`abc123`", "0.9100", "0.8800–0.9400", "0.95 quantile", "0.25",
-                     "random:seed=0", "random, not ImageNet", "Not a medical device", "200 normal, 100 abnormal"):
+                     "random:seed=0", "random, not ImageNet", "Not a medical device", "200 normal, 100 abnormal",
+                     "stratified bootstrap over images", "fitted on these test scores (optimistic"):
         assert expected in card
+    per_patient = model_card(
+        e.model_copy(update={"n_groups": 120}), model_name="dpa-x", data_version="abc123", dataset="phantoms",
+        threshold=0.25, threshold_rule=threshold_rule(0.95), vgg_source="imagenet", image_size=32, image_channels=1,
+        operating_point=OperatingPoint(threshold=0.25, sensitivity=0.46, specificity=0.965),
+    )
+    assert "bootstrap over 120 patients" in per_patient
+    assert "At this threshold, on the test split: sensitivity 0.4600, specificity 0.9650" in per_patient
 
 
 def test_evaluate_stage_logs_metrics_plots_and_card(mlflow_store: str, tiny_dpa: DPA) -> None:
@@ -124,6 +132,14 @@ def test_evaluate_stage_logs_metrics_plots_and_card(mlflow_store: str, tiny_dpa:
     logged = MlflowClient().get_run(run.info.run_id).data.metrics
     assert logged["test_auroc"] == pytest.approx(result.metrics.auroc)
     assert logged["operating_threshold"] == pytest.approx(result.threshold)
+    # the operating point is what serving does at the registered threshold, on the test split
+    test = data.subset(split="test")
+    flagged = score_images(tiny_dpa, test.images).numpy() > result.threshold
+    labels = test.labels.numpy() == 1
+    assert logged["test_sensitivity_at_threshold"] == pytest.approx(flagged[labels].mean())
+    assert logged["test_specificity_at_threshold"] == pytest.approx((~flagged[~labels]).mean())
+    assert result.test_groups == test.manifest["group"].astype(str).tolist()
+    assert set(result.baseline_scores) == {"pca", "mean_image"} and len(result.baseline_scores["pca"]) == len(test)
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/roc_curve.png", "evaluation/model_card.md", "evaluation/score_histogram_by_type.png"} <= names
 

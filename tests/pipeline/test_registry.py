@@ -259,3 +259,39 @@ def test_a_loosened_promotion_limit_is_repaired_to_one_active_slot(prefect_serve
         ensure_promotion_limit(name)
         limit = client.read_global_concurrency_limit_by_name(promotion_limit_name(name))
     assert (limit.limit, limit.active) == (1, True)
+
+
+def test_a_challenger_that_does_not_beat_the_best_baseline_is_not_promoted(name: str, tmp_path: Path) -> None:
+    """The demo's case: a DPA (AUROC ~0.78) behind the PCA baseline (~0.86) on the same images."""
+    v1 = new_version(name, tmp_path)
+    weak, strong_pca = scored(), scored(signal=0.8, noise=1)
+    baselines = {"pca": strong_pca.scores, "mean_image": scored(noise=2).scores}
+    decision = promote_version(name, v1, weak, "d1", rule=GateRule(auroc_floor=0.6), score_champion=never_rescore,
+                               baselines=baselines, vgg_weights="random:seed=0 (auto fallback: imagenet unavailable)")
+    assert decision.outcome == "rejected: does not beat baseline" and not decision.promoted
+    assert alias(name, CHAMPION) is None and alias(name, CHALLENGER) == v1
+    assert decision.baseline_name == "pca" and decision.baseline.champion_auroc == pytest.approx(auroc(strong_pca))
+    recorded = tags(name, v1)
+    assert recorded["promotion.beat_baseline"] == "true" and recorded["promotion.baseline"] == "pca"
+    assert float(recorded["promotion.baseline_p_value"]) > 0.05
+    assert recorded["promotion.vgg_weights"].startswith("random") and "RANDOM VGG19 weights" in decision.summary
+
+    beats = promote_version(name, v1, scored(signal=1.5, noise=3), "d1", rule=GateRule(auroc_floor=0.6),
+                            score_champion=never_rescore, baselines=baselines)
+    assert beats.outcome == "promoted" and beats.baseline.p_value < 0.05
+
+    off = GateRule(auroc_floor=0.6, beat_baseline=False)
+    v2 = new_version(name, tmp_path)
+    kept = promote_version(name, v2, weak, "d1", rule=off, score_champion=never_rescore, baselines=baselines)
+    assert kept.outcome != "rejected: does not beat baseline" and tags(name, v2)["promotion.beat_baseline"] == "false"
+
+
+def test_the_gate_resamples_patients_when_the_test_images_name_them(name: str, tmp_path: Path) -> None:
+    v1 = new_version(name, tmp_path)
+    per_patient = scored(signal=1.5).model_copy(update={"groups": [f"p{i // 3}" for i in range(2 * N)]})
+    decision = promote_version(name, v1, per_patient, "d1", rule=GateRule(auroc_floor=0.6), score_champion=never_rescore,
+                               baselines={"pca": scored(noise=1).scores})
+    assert decision.baseline.method == f"Obuchowski clustered ({2 * N // 3} patients)"
+    assert tags(name, v1)["promotion.test_method"] == decision.baseline.method
+    run_id = MlflowClient().get_model_version(name, v1).run_id
+    assert load_scores(MlflowClient(), run_id, "d1").groups == per_patient.groups  # stored for the next comparison
