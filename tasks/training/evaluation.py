@@ -66,6 +66,11 @@ class ModelEvaluation(BaseModel):
     threshold_quantile: float = 0.95
 
     @property
+    def val_normal_loss(self) -> float | None:
+        """The mean loss (score) of the normal validation images: held out from training."""
+        return sum(self.normal_scores) / len(self.normal_scores) if self.normal_source == VAL_NORMALS else None
+
+    @property
     def baseline_warning(self) -> str | None:
         return baseline_warning(self.metrics.auroc, self.baselines)
 

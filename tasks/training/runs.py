@@ -19,7 +19,7 @@ from tasks.config import RunConfig
 from tasks.training.baseline_evaluation import baseline_metrics
 from tasks.training.evaluation import ModelEvaluation, evaluate
 from tasks.training.preprocessing import PreprocessedDataset
-from tasks.training.seeds import SeedCandidate, final_train_loss, seed_config, seed_list, seed_spread, select_seed
+from tasks.training.seeds import SeedCandidate, recent_train_loss, seed_config, seed_list, seed_spread, select_seed
 from tasks.training.train import train
 
 if TYPE_CHECKING:
@@ -69,7 +69,8 @@ def train_seeds(cfg: RunConfig, data: PreprocessedDataset, data_version: str, pr
     for trained in done.values():
         client.set_terminated(trained.run_id)
     chosen, rule = select_seed([
-        SeedCandidate(seed, t.evaluation.val_auroc, final_train_loss(t.run_id)) for seed, t in done.items()
+        SeedCandidate(seed, t.evaluation.val_auroc, t.evaluation.val_normal_loss, recent_train_loss(t.run_id))
+        for seed, t in done.items()
     ])
     aurocs = {seed: t.evaluation.metrics.auroc for seed, t in done.items()}
     spread = seed_spread(aurocs)

@@ -1,5 +1,5 @@
 """Seed spread: N seeds train as parallel tasks on one data version; the registered seed is chosen
-by a rule that sees validation AUROC or the final training loss, never a test score."""
+by a rule that sees validation AUROC, the held-out normal loss or the recent training loss, never a test score."""
 
 from __future__ import annotations
 
@@ -8,27 +8,41 @@ import threading
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.training.seeds import RULE_LOSS, RULE_VAL, SeedCandidate, seed_spread, select_seed
+from tasks.training.seeds import RULE_HELD_OUT, RULE_LOSS, RULE_VAL, SeedCandidate, recent_train_loss, seed_spread, select_seed
 from tests.tiny import tiny_training
 
 
 def test_the_rule_has_no_test_score_to_read() -> None:
-    assert {f.name for f in dataclasses.fields(SeedCandidate)} == {"seed", "val_auroc", "final_train_loss"}
+    assert {f.name for f in dataclasses.fields(SeedCandidate)} == {"seed", "val_auroc", "val_normal_loss", "recent_train_loss"}
 
 
 def test_validation_auroc_decides_when_every_seed_has_one() -> None:
-    candidates = [SeedCandidate(0, 0.7, 0.1), SeedCandidate(1, 0.9, 0.5), SeedCandidate(2, 0.8, 0.05)]
+    candidates = [SeedCandidate(0, 0.7, 0.2, 0.1), SeedCandidate(1, 0.9, 0.3, 0.5), SeedCandidate(2, 0.8, 0.1, 0.05)]
     assert select_seed(candidates) == (1, RULE_VAL)
 
 
-def test_lowest_final_loss_decides_without_validation_anomalies() -> None:
-    candidates = [SeedCandidate(0, None, 0.3), SeedCandidate(1, None, 0.2), SeedCandidate(2, None, 0.4)]
+def test_held_out_normal_loss_decides_without_validation_anomalies() -> None:
+    candidates = [SeedCandidate(0, None, 0.3, 0.1), SeedCandidate(1, None, 0.2, 0.9), SeedCandidate(2, None, 0.4, 0.2)]
+    assert select_seed(candidates) == (1, RULE_HELD_OUT)
+
+
+def test_recent_training_loss_decides_without_validation_images() -> None:
+    candidates = [SeedCandidate(0, None, None, 0.3), SeedCandidate(1, None, None, 0.2), SeedCandidate(2, None, None, 0.4)]
     assert select_seed(candidates) == (1, RULE_LOSS)
     with pytest.raises(ValueError, match="no trained seeds"):
         select_seed([])
+
+
+def test_the_training_loss_rule_averages_the_last_logged_steps(mlflow_store: str) -> None:
+    """The last minibatch alone is noise: one lucky batch must not pick the seed."""
+    with mlflow.start_run() as run:
+        for step, loss in enumerate([5.0] * 5 + [1.0] * 19 + [0.01]):
+            mlflow.log_metric("train_loss", loss, step=step)
+    assert recent_train_loss(run.info.run_id) == pytest.approx((9 * 1.0 + 0.01) / 10)
 
 
 def test_spread_is_mean_and_sample_std() -> None:
