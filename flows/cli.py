@@ -118,8 +118,12 @@ def demo() -> None:
         f"Promotion decision: {s['decision']}\n\n"
         f"Browse the runs:   .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}\n"
         f"Browse the flows:  .venv/bin/prefect server start   (then open http://127.0.0.1:4200)\n"
-        f"Score new images:  .venv/bin/dpa score --model models:/{s['model_name']}@champion "
-        f"--input {project_dir() / 'data'} --out scores/"
+        f"Score new images (fresh phantoms of new patients, normal ones, so no drift is expected):\n"
+        f"  .venv/bin/dpa data phantoms --out new_phantoms -s seed=101 -s n_train_normal=0 -s n_val_normal=0 "
+        f"-s n_test_normal=60 -s n_val_abnormal=0 -s n_test_abnormal=0\n"
+        f"  .venv/bin/dpa score --model models:/{s['model_name']}@champion --input new_phantoms --out scores/\n"
+        f"(The demo's own {project_dir() / 'data'} holds its labelled test anomalies: scored as new images, "
+        "they rightly report drift.)"
     )
 
 

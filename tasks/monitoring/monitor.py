@@ -8,6 +8,13 @@ its metrics, the full report its `drift_report.json`. A drifted batch also sends
 the version, the digest and the MLflow run), which the retraining deployment in prefect.yaml
 triggers on, with a cooldown (docs/deployments.md).
 
+A batch is what a scoring run scored that no earlier monitoring of the same output folder covered:
+`monitored.csv` beside scores.csv lists the input digests already monitored, so an inbox that
+grows day by day is tested on each day's new images, and re-running a finished batch adds nothing.
+The same images monitored again for the same version (the ledger lost, another folder) find the
+existing run by its input digest: no second run, no second event. Scores carry no patient ids, so
+the tests treat images as independent: several images of one patient make drift look stronger.
+
 Outside a flow run the event is sent only when a Prefect server is configured (PREFECT_API_URL):
 without one there is nobody to tell, and starting a temporary server for one event would only
 slow `dpa score` down. A version without stored reference scores (logged before thresholds at
@@ -45,6 +52,8 @@ from tasks.training.metrics import VAL_NORMALS
 MONITORING_SUFFIX = "-monitoring"
 DRIFT_EVENT = "dpa.scores.drifted"
 REPORT_FILE = "drift_report.json"
+LEDGER = "monitored.csv"
+"""Beside scores.csv: the input digests already monitored, and the monitoring run that covered each."""
 ARTIFACT_KEY = "score-drift"
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,8 @@ class Batch(BaseModel):
     model_name: str
     model_version: str
     input_digest: str
+    digests: list[str] = []
+    """The per-file digests of the batch's rows (those scored and those that failed)."""
 
 
 class Monitoring(BaseModel):
@@ -74,8 +85,9 @@ class Monitoring(BaseModel):
     event_id: str | None = None
 
 
-def read_batch(scores_csv: str | Path) -> Batch:
-    """The batch in a scores.csv (`Unmonitorable` says why there is none)."""
+def read_batch(scores_csv: str | Path, monitored: frozenset[str] = frozenset()) -> Batch:
+    """The batch in a scores.csv: its rows whose input digest is not in `monitored` (`Unmonitorable`
+    says why there is none)."""
     frame = pd.read_csv(scores_csv, dtype=str, keep_default_na=False)
     uris = sorted(set(frame.get(MODEL_URI, pd.Series(dtype=str))) - {""})
     if len(uris) != 1 or MODEL_VERSION not in frame:
@@ -83,11 +95,14 @@ def read_batch(scores_csv: str | Path) -> Batch:
     name = registered_name(uris[0])
     if name is None:
         raise Unmonitorable(f"{uris[0]} is not a registered model version (models:/name/N): monitoring runs are kept per registered model")
+    version = frame[MODEL_VERSION].iloc[0]
+    frame = frame[~frame[INPUT_DIGEST].isin(monitored)] if INPUT_DIGEST in frame else frame
     scored = frame[frame[ERROR] == ""]
-    digests = sorted(d for d in frame[INPUT_DIGEST] if d)
+    digests = sorted(d for d in frame.get(INPUT_DIGEST, []) if d)
     return Batch(
         scores_csv=str(Path(scores_csv).resolve()), scores=scored[SCORE].astype(float).tolist(), model_uri=uris[0], model_name=name,
-        model_version=frame[MODEL_VERSION].iloc[0], input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+        model_version=version, input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+        digests=digests,
     )
 
 
@@ -105,13 +120,23 @@ def monitor_batch(
     """Compare the batch in `scores_csv` with its version's reference normals, log the MLflow
     monitoring run and, when it drifted, send the Prefect event. `threshold`/`specificity` are
     those the batch was scored with."""
+    monitored = read_ledger(scores_csv)
     try:
-        batch = read_batch(scores_csv)
+        batch = read_batch(scores_csv, frozenset(monitored))
+        if not batch.digests:
+            return Monitoring(note=f"score drift: nothing new to monitor in {scores_csv} ({len(monitored)} images "
+                                   "monitored before; a monitoring run covers the images scored since the last one)")
         reference = load_reference_scores(batch.model_uri)
     except (Unmonitorable, LegacyModelError) as exc:
         return _skipped(str(exc))
+    earlier = existing_run(batch)
+    if earlier is not None:
+        append_ledger(scores_csv, batch.digests, earlier)
+        return Monitoring(note=f"score drift: these {len(batch.digests)} images were monitored for version "
+                               f"{batch.model_version} already (MLflow run {earlier}); no new run, no new event", run_id=earlier)
     report = drift_report(batch.scores, reference.scores, operating_threshold(reference, threshold, specificity), levels)
     run_id = log_monitoring_run(batch, report, reference)
+    append_ledger(scores_csv, batch.digests, run_id)
     event_id = emit_drift_event(batch, report, run_id) if report.drifted else None
     if event_id:
         MlflowClient().set_tag(run_id, "prefect_event_id", event_id)
@@ -120,6 +145,30 @@ def monitor_batch(
         note += f"; CAUTION: the reference is {reference.source}, which the model has seen: new normals score higher, so drift is over-reported"
         log.warning(note)
     return Monitoring(note=note, report=report, run_id=run_id, event_id=event_id)
+
+
+def read_ledger(scores_csv: str | Path) -> set[str]:
+    """The input digests of this output folder that a monitoring run already covered."""
+    ledger = Path(scores_csv).with_name(LEDGER)
+    return set(pd.read_csv(ledger, dtype=str)[INPUT_DIGEST]) if ledger.is_file() else set()
+
+
+def append_ledger(scores_csv: str | Path, digests: list[str], run_id: str) -> None:
+    ledger = Path(scores_csv).with_name(LEDGER)
+    rows = pd.DataFrame({INPUT_DIGEST: digests, "monitoring_run_id": run_id})
+    rows.to_csv(ledger, mode="a", header=not ledger.is_file(), index=False)
+
+
+def existing_run(batch: Batch) -> str | None:
+    """The monitoring run of the same images and version, if one exists (idempotent per input digest)."""
+    experiment = MlflowClient().get_experiment_by_name(batch.model_name + MONITORING_SUFFIX)
+    if experiment is None:
+        return None
+    runs = MlflowClient().search_runs(
+        [experiment.experiment_id], max_results=1,
+        filter_string=f"tags.input_digest = '{batch.input_digest}' and tags.model_version = '{batch.model_version}'",
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def _skipped(reason: str) -> Monitoring:

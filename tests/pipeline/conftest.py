@@ -81,15 +81,16 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_dpa() -> DPA:
-    """A 16×16 grey DPA (random VGG weights) trained for a second on smooth blobs."""
-    return train_dpa(tiny_config(res=RES, stab_iters=30), blob_images(64, RES, seed=0), progress=False)
+    """A 16×16 grey DPA (random VGG weights) trained for a few seconds on smooth blobs: 100 steps
+    separate striped squares from blobs (AUROC ~0.97; 30 steps: ~0.85)."""
+    return train_dpa(tiny_config(res=RES, stab_iters=100), blob_images(64, RES, seed=0), progress=False)
 
 
 def run_config() -> RunConfig:
     """A resolved run configuration around the tiny DPA (tasks.config imports GX: seconds, so lazily)."""
     from tasks.config import RunConfig
 
-    return RunConfig(preset="pipeline-test", preprocess=PREPROCESS, dpa=tiny_config(res=RES, stab_iters=30))
+    return RunConfig(preset="pipeline-test", preprocess=PREPROCESS, dpa=tiny_config(res=RES, stab_iters=100))
 
 
 def register(dpa: DPA, name: str, threshold: float = 1.0, normal_scores: list[float] | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.monitoring.drift import TOO_FEW, DriftLevels
+from tasks.monitoring.drift import TOO_FEW, DriftLevels, drift_report
 from tasks.monitoring.monitor import MONITORING_SUFFIX, REPORT_FILE, monitor_batch
 from tasks.registry.mlflow_model import SERVING_CONFIG, WEIGHTS, DPAPyfuncModel
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
@@ -41,8 +42,8 @@ def monitoring_runs(model_name: str, out: Path | None = None) -> list:
 
 def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path) -> None:
     """Half the batch is anomalous (striped squares) against normal-only reference scores: drifted
-    (at alpha 0.05: 8 images against 32 reference normals is little evidence)."""
-    output = score(champion.champion_uri, image_set, tmp_path / "a", "--drift-min-batch", "8", "--drift-alpha", "0.05")
+    (at alpha 0.1: 8 images against 32 reference normals is little evidence)."""
+    output = score(champion.champion_uri, image_set, tmp_path / "a", "--drift-min-batch", "8", "--drift-alpha", "0.1")
     assert "score drift: drifted" in output, output
     (run,) = monitoring_runs(champion.name, tmp_path / "a")
     scores = pd.read_csv(tmp_path / "a" / "scores.csv", dtype=str)
@@ -50,13 +51,22 @@ def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, imag
     assert run.data.tags["model_uri"] == f"models:/{champion.name}/{champion.version}"
     assert run.data.tags["input_digest"] == hashlib.sha256("\n".join(sorted(scores["input_digest"])).encode()).hexdigest()
     assert run.data.tags["drifted"] == "True" and "prefect_event_id" not in run.data.tags  # nobody to tell
-    assert run.data.params["drift_min_batch"] == "8" and run.data.params["drift_alpha"] == "0.05" and run.data.metrics["n"] == len(image_set.files)
+    assert run.data.params["drift_min_batch"] == "8" and run.data.params["drift_alpha"] == "0.1" and run.data.metrics["n"] == len(image_set.files)
     report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=REPORT_FILE)).read_text())
     assert report["drifted"] and report["ks_pvalue"] == run.data.metrics["ks_pvalue"]
     assert report["n_reference"] == len(champion.normal_scores)
 
+    # The same batch again: nothing new in this folder, and the same images elsewhere find the run.
+    again = monitor_batch(tmp_path / "a" / "scores.csv", DriftLevels())
+    assert again.report is None and "nothing new to monitor" in again.note
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "a" / "scores.csv", copy / "scores.csv")
+    elsewhere = monitor_batch(copy / "scores.csv", DriftLevels())
+    assert elsewhere.run_id == run.info.run_id and "already" in elsewhere.note and elsewhere.event_id is None
+    assert monitoring_runs(champion.name, copy) == []
     # The default minimum batch is larger than these 8 images: no verdict, and no event either way.
-    assert monitor_batch(tmp_path / "a" / "scores.csv", DriftLevels()).report.verdict == TOO_FEW
+    assert drift_report(scores["anomaly_score"].astype(float), champion.normal_scores, 1.0, DriftLevels()).verdict == TOO_FEW
     # Scores of a model outside the registry have no `<name>-monitoring` to go to.
     scores.assign(model_uri="runs:/0123/model").to_csv(tmp_path / "unregistered.csv", index=False)
     skipped = monitor_batch(tmp_path / "unregistered.csv")
@@ -80,3 +90,21 @@ def test_a_version_without_reference_scores_is_scored_but_not_monitored(
     assert "score-drift monitoring SKIPPED" in output and "no reference_scores.json" in output, output
     assert len(pd.read_csv(tmp_path / "legacy" / "scores.csv")) == len(image_set.files)
     assert monitoring_runs(name) == []
+
+
+def test_a_growing_inbox_is_monitored_on_the_images_new_since_the_last_run(
+    champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    first, later = image_set.files[:5], image_set.files[5:]
+    for file in first:
+        shutil.copy(file, inbox / file.name)
+    out = tmp_path / "out"
+    score(champion.champion_uri, ImageSet(inbox, [], []), out, "--drift-min-batch", "2")
+    for file in later:
+        shutil.copy(file, inbox / file.name)
+    score(champion.champion_uri, ImageSet(inbox, [], []), out, "--drift-min-batch", "2")
+    runs = sorted(monitoring_runs(champion.name, out), key=lambda r: r.info.start_time)
+    assert [r.data.metrics["n"] for r in runs] == [len(first), len(later)]
+    assert len(pd.read_csv(out / "monitored.csv")) == len({f.name for f in image_set.files}) == len(image_set.files)
