@@ -1,4 +1,4 @@
-"""The dataset contract (DESIGN.md §3): a directory holding `manifest.csv` plus image files.
+"""The dataset contract (docs/architecture.md, "Dataset on disk"): a directory holding `manifest.csv` plus image files.
 
 Columns: `path` (relative, inside the dataset dir), `label` (normal | abnormal), `split`
 (train | val | test), `group` (patient or slide id; a group never spans two splits) and

@@ -1,6 +1,6 @@
 """The one image transform (training, evaluation and serving) and the decoded-dataset cache.
 
-Transform order follows the paper (dpa_method.md §7): to L/RGB -> centre crop -> optional
+Transform order follows the paper (docs/method.md §7): to L/RGB -> centre crop -> optional
 histogram equalisation -> bilinear resize to size x size. Outputs stay uint8 (N x C x S x S) so a
 cached dataset is 4x smaller than float; `model.dpa.to_model_range` turns a batch into [-1, 1] on the device.
 

@@ -1,4 +1,4 @@
-"""The Great Expectations gate that runs before anything trains (DESIGN.md §3-§4).
+"""The Great Expectations gate that runs before anything trains (docs/architecture.md, "Dataset on disk").
 
 Two tables are validated with GX 1.x expectations:
 

@@ -1,4 +1,4 @@
-"""Batch scoring (DESIGN.md §4): load a registered DPA (by default the champion), score a folder,
+"""Batch scoring (docs/serving.md): load a registered DPA (by default the champion), score a folder,
 a dataset or a DICOM directory, write scores.csv and heat maps, publish a summary in the Prefect UI,
 then check the batch for score drift (tasks.monitoring.monitor)."""
 

@@ -1,4 +1,4 @@
-"""The training pipeline (DESIGN.md §4), read top to bottom as the process it runs:
+"""The training pipeline (docs/architecture.md), read top to bottom as the process it runs:
 
 resolve data → validate (GX) → preprocess → train → evaluate → register → promote.
 

@@ -1,4 +1,4 @@
-"""The few-anomaly hyperparameter search (dpa_method.md §6, DESIGN.md §8), read top to bottom:
+"""The few-anomaly hyperparameter search (docs/method.md §6), read top to bottom:
 
 resolve data → train/val view → preprocess (no test image is ever decoded) → folds + validation
 anomalies → study (resumed when it exists) → trials fanned out through a task runner →

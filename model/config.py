@@ -3,7 +3,7 @@
 Everything the method needs is here and nothing else, so a preset YAML, the CLI and the Prefect
 UI form all describe the same object. Channel counts are explicit resolution → channels
 mappings; `channels_from_reference_lists` translates the authors' two oppositely indexed
-`inner_dims` lists (dpa_method.md §1, §9.4).
+`inner_dims` lists (docs/method.md §1, §9.4).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def channels_from_reference_lists(
 
 
 class NetworkConfig(BaseModel):
-    """The residual18 autoencoder (dpa_method.md §1)."""
+    """The residual18 autoencoder (docs/method.md §1)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -87,7 +87,7 @@ class NetworkConfig(BaseModel):
 
 
 class LossConfig(BaseModel):
-    """The relative perceptual L1 loss (dpa_method.md §2)."""
+    """The relative perceptual L1 loss (docs/method.md §2)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -148,7 +148,7 @@ class AugmentConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """Iteration-based schedule with optional progressive growing (dpa_method.md §1.1, §4)."""
+    """Iteration-based schedule with optional progressive growing (docs/method.md §1.1, §4)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -1,6 +1,6 @@
 """The Deep Perceptual Autoencoder: encoder + decoder + the frozen perceptual loss that scores it.
 
-The anomaly score of an image is the training loss itself at the final stage (dpa_method.md §5),
+The anomaly score of an image is the training loss itself at the final stage (docs/method.md §5),
 so one module holds all three and a saved DPA is self-contained (the truncated VGG19 weights and
 feature statistics travel in its state_dict).
 """

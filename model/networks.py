@@ -3,7 +3,7 @@
 Read top to bottom: three pre-activation blocks, then the encoder and decoder. Each network owns
 one `from_rgb`/`to_rgb` head per resolution it can work at; `forward(x, res, alpha)` runs the
 stable network at `res` (alpha=None) or the transition network that fades `res` in over `res/2`
-(dpa_method.md §1, §1.1). No normalisation layers, no tanh, no latent activation.
+(docs/method.md §1, §1.1). No normalisation layers, no tanh, no latent activation.
 """
 
 from __future__ import annotations

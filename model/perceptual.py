@@ -1,4 +1,4 @@
-"""Relative perceptual L1 loss on VGG19 ReLU features (dpa_method.md §2).
+"""Relative perceptual L1 loss on VGG19 ReLU features (docs/method.md §2).
 
 ℓ(x, x̂) = Σ_l w_l · mean|f̂_l(x) − f̂_l(x̂)| / stopgrad(mean|f̂_l(x)|) / Σ_l w_l, with f̂ the VGG19
 features standardised per channel. The VGG is frozen and its weights come from one of several

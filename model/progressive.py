@@ -1,4 +1,4 @@
-"""Progressive growing: the stage sequence, the α fade-in and the resized inputs (dpa_method.md §1.1)."""
+"""Progressive growing: the stage sequence, the α fade-in and the resized inputs (docs/method.md §1.1)."""
 
 from __future__ import annotations
 

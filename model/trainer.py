@@ -1,7 +1,7 @@
 """Iteration-based DPA training with progressive growing, exact resume and a metrics hook.
 
 One iteration is one Adam step on one batch; Adam is re-created at every stage change; the model
-kept is the last iterate (dpa_method.md §1.1, §4). Training data stay a uint8 tensor on the
+kept is the last iterate (docs/method.md §1.1, §4). Training data stay a uint8 tensor on the
 device; batches are drawn, augmented and converted there. All randomness of the loop comes from
 one `torch.Generator`, which a checkpoint stores, so "train N, stop, resume, train N" equals
 "train 2N". Inside a torchrun job each rank trains on its share of every batch (model.distributed).

@@ -1,4 +1,4 @@
-"""Importers: turn a source into a dataset directory (DESIGN.md §3: images + manifest.csv).
+"""Importers: turn a source into a dataset directory (docs/architecture.md, "Dataset on disk": images + manifest.csv).
 
 Each `import_<kind>(source, out_dir, ...) -> out_dir` lists the source's images as manifest rows,
 then writes them through `write_dataset`, which builds the dataset in a staging directory and

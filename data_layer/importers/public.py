@@ -69,7 +69,7 @@ def import_cifar10(
     download: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """CIFAR10 one-vs-rest (dpa_method.md §7): see `_one_vs_rest`."""
+    """CIFAR10 one-vs-rest (docs/method.md §7): see `_one_vs_rest`."""
     from torchvision.datasets import CIFAR10
 
     def load(train: bool) -> CIFAR10:

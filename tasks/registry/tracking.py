@@ -1,4 +1,4 @@
-"""MLflow tracking conventions (DESIGN.md §5): where runs go, what every run is tagged with."""
+"""MLflow tracking conventions (README "Tracking, registry and promotion"): where runs go, what every run is tagged with."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dpa up` / `dpa down`: the local production-like stack a person triggers runs from (DESIGN.md §10).
+"""`dpa up` / `dpa down`: the local production-like stack a person triggers runs from (docs/deployments.md).
 
 On 127.0.0.1 only: a Prefect server (PostgreSQL when given or reachable, else SQLite), an MLflow
 tracking server on the project's store, the work pool and its queues, the automations of

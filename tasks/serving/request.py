@@ -1,6 +1,6 @@
 """What a client of the served model may send, and the limits: checked before any pixel is decoded.
 
-Serving is a network boundary (DESIGN.md §10). By default a request carries images only as
+Serving is a network boundary (docs/serving.md). By default a request carries images only as
 base64 file bytes (`image`); the `path` column is refused with one message whatever the path, so
 an answer never tells whether a server file exists. An operator who wants clients to name files
 sets `DPA_SERVE_PATH_ROOT` to a folder: a `path` (relative to it, or absolute) is then read only

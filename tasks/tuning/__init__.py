@@ -1,4 +1,4 @@
-"""The paper's few-anomaly hyperparameter search (dpa_method.md §6) as plain functions and Prefect tasks.
+"""The paper's few-anomaly hyperparameter search (docs/method.md §6) as plain functions and Prefect tasks.
 
 One module per job, in the order the search uses them (flows/tuning.py runs it top to bottom):
 

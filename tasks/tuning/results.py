@@ -82,7 +82,7 @@ class BestConfig:
 
 def best_config(study: optuna.Study, space: SearchSpace, cfg: RunConfig, base_overrides: dict[str, Any]) -> BestConfig:
     """The trial with the best mean CV AUROC; it trains for the mean of its folds' best iterations
-    at max_res (the paper's final iteration counts are such means, dpa_method.md §4)."""
+    at max_res (the paper's final iteration counts are such means, docs/method.md §4)."""
     best = study.best_trial
     iterations = round(float(np.mean(best.user_attrs["best_iterations"])))
     return BestConfig(

@@ -1,4 +1,4 @@
-"""The production profile (DESIGN.md §7) with real processes: Prefect server on PostgreSQL, `mlflow
+"""The production profile (docs/deployments.md) with real processes: Prefect server on PostgreSQL, `mlflow
 server` on PostgreSQL with artifacts on S3 (moto), the DVC remote on the same S3 endpoint. The
 training pipeline runs as `dpa train`; a scorer that knows only the MLflow URL (no S3 credentials)
 then pulls `models:/<name>@champion` through the server and scores the dataset."""

@@ -1,4 +1,4 @@
-"""The relative perceptual L1 loss (dpa_method.md §2)."""
+"""The relative perceptual L1 loss (docs/method.md §2)."""
 
 import urllib.error
 import warnings
