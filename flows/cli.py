@@ -189,7 +189,8 @@ def benchmark(
 
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="MLflow model URI")] = "models:/dpa-phantoms@champion",
+    model: Annotated[Optional[str], typer.Option(help="MLflow model URI; default: the champion of --preset's registered model")] = None,
+    preset: Annotated[str, typer.Option(help="the preset whose registered model scores, when --model is not given")] = "demo",
     input: Annotated[Path, typer.Option("--input", help="folder of images, dataset dir with manifest.csv, or DICOM dir")] = ...,
     out: Annotated[Path, typer.Option(help="output directory for scores.csv and heat maps")] = Path("scores"),
     heatmaps: Annotated[bool, typer.Option(help="write heat-map PNGs")] = True,
@@ -204,8 +205,10 @@ def score(
     command after a crash or a stop to score only what is missing."""
     from pydantic import ValidationError
 
+    from tasks.config import model_name_of
     from tasks.monitoring.drift import DriftLevels
     from tasks.monitoring.monitor import monitor_batch
+    from tasks.registry.mlflow_model import champion_uri
     from tasks.registry.tracking import configure_tracking
     from tasks.serving.scoring import score_inputs
 
@@ -214,6 +217,7 @@ def score(
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from None
     configure_tracking()
+    model = model or champion_uri(model_name_of(preset))
     with exit_code_on_signal():
         csv = score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold=threshold, specificity=specificity)
     typer.echo(f"wrote {csv}")

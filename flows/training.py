@@ -18,7 +18,8 @@ from prefect import flow
 from tasks.config import PipelineParams, RunConfig, resolve_run_config
 from tasks.paths import project_dir
 from tasks.registry.lineage import log_dataset_input
-from tasks.registry.promotion import GateRule, promote_model, register_model
+from tasks.registry.promotion import GateRule, promote_model
+from tasks.registry.registration import register_model
 from tasks.registry.tracking import configure_tracking, ensure_experiment, git_commit, log_config_params, tracking_ui_url
 from tasks.registry.version_scores import ScoredSet, scorer_on_test_split
 from tasks.training.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset

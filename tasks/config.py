@@ -55,7 +55,12 @@ DataSourceChoice = Union[tuple(SOURCES)]  # a plain union: the UI shows one titl
 class RegistryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_name: str = Field("dpa-phantoms", description="registered model name (one per task)")
+    model_name: str = Field(
+        "", description="registered model name, one per task; empty: dpa-<preset>. Versions of another preset are refused"
+    )
+    allow_other_presets: bool = Field(
+        False, description="register into a model whose versions came from another preset (they are one task)"
+    )
     promotion_margin: float = Field(
         0.0, description="superiority gate: the AUROC difference must be significantly above this (H0: difference ≤ margin)"
     )
@@ -101,6 +106,13 @@ class RunConfig(BaseModel):
     registry: RegistryConfig = RegistryConfig()
     experiment: str | None = Field(None, description="MLflow experiment; default: the preset name")
     paper: PublishedFigure | None = Field(None, description="the published figure for this setting, if one can be sourced")
+
+    @model_validator(mode="after")
+    def _model_name_of_the_preset(self) -> RunConfig:
+        """One registered model per task: without a name, the preset names it."""
+        if not self.registry.model_name:
+            self.registry.model_name = f"dpa-{self.preset}"
+        return self
 
     @model_validator(mode="after")
     def _images_fit_the_network(self) -> RunConfig:
@@ -171,6 +183,11 @@ def apply_overrides(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 raise ValueError(f"override {dotted!r}: {key!r} is not a section")
         node[leaf] = value
     return doc
+
+
+def model_name_of(preset: str) -> str:
+    """The registered model a preset trains into (its `registry.model_name`, else dpa-<preset>)."""
+    return resolve_run_config(PipelineParams(preset=preset)).registry.model_name
 
 
 def resolve_run_config(params: PipelineParams) -> RunConfig:

@@ -15,19 +15,17 @@ last, so a failure anywhere leaves the previous champion in place. Two runs fini
 serialised by a Prefect global concurrency limit (`promote_model`); inside it, `promote_version` re-reads
 the champion right before moving the alias and re-decides if it changed (compare-and-set).
 
-`promote_version`, `decide` and `PromotionDecision` need no Prefect server; the tasks at the bottom
-(`register_model`, `promote_model`) are what the training flow calls.
+`promote_version`, `decide` and `PromotionDecision` need no Prefect server; `promote_model` at the
+bottom is what the training flow calls (after `tasks.registry.registration.register_model`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -41,14 +39,12 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import BaseModel, Field
 from sklearn.metrics import roc_auc_score
 
-from model.dpa import DPA
-from tasks.registry.mlflow_model import CHAMPION, log_dpa_model
+from tasks.registry.mlflow_model import CHAMPION
 from tasks.registry.paired_auc import PairedAUROC, paired_delong
 from tasks.registry.version_scores import ScoredSet, aligned, load_scores, log_scores
-from tasks.training.evaluation import ModelEvaluation
 
 if TYPE_CHECKING:  # tasks.config imports the GX gate: seconds, only needed by type checkers here
-    from tasks.config import RegistryConfig, RunConfig
+    from tasks.config import RegistryConfig
 
 CHALLENGER = "challenger"
 TAG_AUROC, TAG_DATA_VERSION = "test_auroc", "data_version"
@@ -337,30 +333,6 @@ def ensure_promotion_limit(model_name: str) -> str:
         if limit.limit != 1 or not limit.active:
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
     return name
-
-
-@contextmanager
-def _in_run(run_id: str) -> Iterator[None]:
-    """Make `run_id` the active MLflow run of this thread (Prefect may run a task in another thread)."""
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    with mlflow.start_run(run_id=run_id):
-        yield
-
-
-@task(name="register-model", cache_policy=NO_CACHE)
-def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id: str) -> str:
-    """Log the pyfunc model (with its reference normal scores) into the run and register it; returns
-    the new version number."""
-    with _in_run(run_id):
-        info = log_dpa_model(
-            dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule,
-            normal_scores=evaluation.normal_scores, normal_source=evaluation.normal_source,
-            quantile=evaluation.threshold_quantile,
-        )
-    return str(info.registered_model_version)
 
 
 @task(name="promote-model", cache_policy=NO_CACHE)

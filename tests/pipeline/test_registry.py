@@ -28,8 +28,8 @@ from tasks.registry.promotion import (
     promote_model,
     promote_version,
     promotion_limit_name,
-    register_model,
 )
+from tasks.registry.registration import RegistryConflict, register_model
 from tasks.registry.version_scores import ScoredSet, load_scores, log_scores, scorer_on_test_split
 from tasks.training.evaluation import ModelEvaluation
 from tasks.training.metrics import evaluate_scores
@@ -225,6 +225,31 @@ def test_register_model_task_logs_a_servable_version(name: str, tiny_dpa: DPA, i
     assert reference.scores == [0.01, 0.02, 0.05, 0.1] and reference.rule == "rule"
     assert reference.source == evaluation.normal_source and reference.quantile == evaluation.threshold_quantile
     assert reference.threshold_at(0.5) == pytest.approx(0.035)
+
+
+def test_each_preset_registers_its_own_model_and_no_other_preset_can_move_its_champion(name: str, tiny_dpa: DPA) -> None:
+    from tasks.config import PipelineParams, model_name_of, resolve_run_config
+
+    assert model_name_of("demo") == "dpa-phantoms" and model_name_of("nih_pa_wo_pg") == "dpa-nih_pa_wo_pg"
+    assert resolve_run_config(PipelineParams(preset="cifar10_class0")).registry.model_name == "dpa-cifar10_class0"
+    evaluation = ModelEvaluation(metrics=evaluate_scores([0, 1], [0.0, 1.0]), threshold=0.1, threshold_rule="rule",
+                                 normal_scores=[0.01, 0.02, 0.05, 0.1])
+
+    def config(preset: str, **registry: object):
+        cfg = run_config()
+        return cfg.model_copy(update={"preset": preset, "registry": cfg.registry.model_copy(update={"model_name": name, **registry})})
+
+    with mlflow.start_run() as run:
+        v1 = register_model.fn(tiny_dpa, evaluation, config("demo"), run.info.run_id)
+    MlflowClient().set_registered_model_alias(name, CHAMPION, v1)
+    assert tags(name, v1)["preset"] == "demo"
+    with mlflow.start_run() as run, pytest.raises(RegistryConflict, match=r"holds versions of preset\(s\) \['demo'\]; this run is preset 'nih_pa_wo_pg'"):
+        register_model.fn(tiny_dpa, evaluation, config("nih_pa_wo_pg"), run.info.run_id)
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")] == [v1]  # nothing logged
+    assert alias(name, CHAMPION) == v1
+    with mlflow.start_run() as run:
+        v2 = register_model.fn(tiny_dpa, evaluation, config("nih_pa_wo_pg", allow_other_presets=True), run.info.run_id)
+    assert v2 != v1 and tags(name, v2)["preset"] == "nih_pa_wo_pg"
 
 
 def test_concurrent_promotions_leave_exactly_the_best_champion(prefect_server: None, name: str, tmp_path: Path) -> None:
