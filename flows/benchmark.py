@@ -14,34 +14,26 @@ killed runs again (from its checkpoint when one was written), and the parent run
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from prefect import flow
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
 from tasks.benchmark.cells import BenchmarkCell, load_record, run_cell, save_record
 from tasks.benchmark.data import load_config, prepare_dataset, preset_files, source_digest
+from tasks.benchmark.parent import parent_run
 from tasks.benchmark.table import benchmark_table, log_table, markdown, write_table
 from tasks.config import RunConfig
 from tasks.paths import project_dir
-from tasks.registry.tracking import configure_tracking, ensure_experiment, git_commit
 from tasks.runtime.task_runners import make_task_runner
 from tasks.training.preprocessing import preprocess
 from tasks.training.runs import config_digest
 from tasks.training.seeds import seed_config, seed_list
 from tasks.tuning.data import SearchData
-
-PARENT_STATE = "parent_run.json"
 
 
 class BenchmarkParams(BaseModel):
@@ -70,37 +62,6 @@ def plan_cells(params: BenchmarkParams) -> tuple[list[RunConfig], list[Benchmark
             digest = hashlib.sha256(f"{source_digest(seeded)}:{config_digest(seeded)}".encode()).hexdigest()[:16]
             cells.append(BenchmarkCell(seeded, digest))
     return configs, cells
-
-
-@contextmanager
-def parent_run(out_dir: Path, experiment: str, params: BenchmarkParams) -> Iterator[tuple[str, str]]:
-    """(experiment id, run id) of the benchmark's parent run: the out dir's, when this tracking store
-    has it, else a new one. Child runs a killed benchmark left RUNNING are marked KILLED."""
-    configure_tracking()
-    client, state = MlflowClient(), out_dir / PARENT_STATE
-    run_id = json.loads(state.read_text())["run_id"] if state.is_file() else None
-    if run_id is not None and not _in_store(client, run_id):
-        print(f"parent run {run_id} of {out_dir} is not in this tracking store: starting a new one")
-        run_id = None
-    experiment_id = None if run_id else ensure_experiment(experiment)
-    name = None if run_id else f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=name) as run:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"run_id": run.info.run_id}))
-        mlflow.set_tags({"git_commit": git_commit(), "benchmark.out_dir": str(out_dir), "benchmark.presets": ", ".join(params.presets),
-                         "benchmark.seeds": str(params.seeds)})
-        stale = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
-        for child in stale:
-            client.set_terminated(child.info.run_id, "KILLED")
-        yield run.info.experiment_id, run.info.run_id
-
-
-def _in_store(client: MlflowClient, run_id: str) -> bool:
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
 
 
 def cell_data(cfg: RunConfig, project: Path) -> SearchData:
@@ -144,7 +105,7 @@ def benchmark_pipeline(params: BenchmarkParams) -> dict:
     configs, cells = plan_cells(params)
     todo = [cell for cell in cells if not cell.record_path(out_dir).is_file()]
     print(f"{len(cells)} cells ({len(configs)} presets × {params.seeds} seeds): {len(cells) - len(todo)} already finished in {out_dir}")
-    with parent_run(out_dir, params.experiment, params) as (experiment_id, parent_run_id):
+    with parent_run(out_dir, params.experiment, params.presets, params.seeds) as (experiment_id, parent_run_id):
         failures = run_cells(todo, params, out_dir, experiment_id, parent_run_id) if todo else {}
         records: dict[str, list] = {cfg.preset: [] for cfg in configs}
         for cell in cells:

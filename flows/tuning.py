@@ -12,31 +12,28 @@ deployment's concurrency limit); a restart fails the trials a dead run left RUNN
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
 import optuna
-from optuna.trial import TrialState
 from prefect import flow
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from pydantic import Field
 
 from flows.training import resolve_data, training_pipeline
 from tasks.config import DataSource, PipelineParams, RunConfig, resolve_run_config
 from tasks.paths import project_dir
 from tasks.registry.tracking import configure_tracking, ensure_experiment
-from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal, stop_requested
 from tasks.runtime.task_runners import make_task_runner
 from tasks.training.data import DatasetRef
 from tasks.training.preprocessing import preprocess
 from tasks.tuning.data import CVPlan, SearchData, build_trainval_view, plan_cross_validation
-from tasks.tuning.plan import Progress, plan_search
+from tasks.tuning.plan import plan_search
 from tasks.tuning.results import best_config, leaderboard, publish_search, search_run
+from tasks.tuning.runner import run_trials
 from tasks.tuning.space import SearchSpace, load_search_space, point_key, trial_configs
-from tasks.tuning.study import open_study, record_failure, record_result, requeue_unfinished, study_storage_url
+from tasks.tuning.study import open_study, requeue_unfinished, study_storage_url
 from tasks.tuning.trial import run_trial
 
 TPE_DEFAULT_TRIALS = 20
@@ -77,57 +74,6 @@ def protocol(params: TuningParams, space: SearchSpace, data_version: str) -> dic
         "search_space": space.model_dump(mode="json"), "folds": params.folds, "sampler": params.sampler,
         "val_anomaly_type": params.val_anomaly_type, "n_anomalies": params.n_anomalies, "seed": params.seed,
     }
-
-
-def run_trials(study: optuna.Study, distributions: dict[str, Any], launch: Callable[[optuna.Trial], PrefectFuture],
-               max_workers: int, target: int) -> None:
-    """Keep `max_workers` trials running until the study has `target` complete trials (a trial
-    that fails here is recorded and left for the next restart, not retried in a loop). A line per
-    finished trial says how far the search is. On SIGTERM/SIGINT the running trials stop at their
-    next step and are marked failed ("interrupted"), so the next run of the study re-queues them."""
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    budget, progress = target - complete, Progress(total=target, already_done=complete)
-    running: dict[PrefectFuture, optuna.Trial] = {}
-    with stop_on_signal():
-        while budget > 0 or running:
-            while budget > 0 and len(running) < max_workers and stop_requested() is None:
-                trial = study.ask(distributions)
-                running[launch(trial)] = trial
-                budget -= 1
-            done = wait(list(running), timeout=1.0).done
-            if stop_requested() is not None:  # before reading results: a stopped trial's result is its interruption
-                _stop_trials(running)
-            for future in done:
-                _settle(running.pop(future), future, progress)
-
-
-def _settle(trial: optuna.Trial, future: PrefectFuture, progress: Progress) -> None:
-    try:
-        record_result(trial, future.result())
-        value = trial.study.trials[trial.number].value
-    except Exception as exc:  # a diverged or crashed trial must not stop the others
-        record_failure(trial, exc)
-        print(f"trial {trial.number} {trial.params} failed: {exc}")
-        value = None
-    best = trial.study.best_trial if any(t.state == TrialState.COMPLETE for t in trial.study.get_trials(deepcopy=False)) else None
-    print(progress.line(trial.number, value, (best.number, best.value) if best else None))
-
-
-def _stop_trials(running: dict[PrefectFuture, optuna.Trial], grace_seconds: float = 25.0) -> None:
-    """Let the running trials reach their stop point (a trial that finishes meanwhile is kept),
-    mark the others as interrupted failures, which the next run of the study re-queues, then stop."""
-    name = signal.Signals(stop_requested()).name
-    wait(list(running), timeout=grace_seconds)
-    interrupted = []
-    for future, trial in running.items():
-        if future.state.is_completed():
-            record_result(trial, future.result())
-            continue
-        trial.set_user_attr("interrupted", name)
-        record_failure(trial, RuntimeError(f"interrupted by {name}; rerun the study to resume"))
-        interrupted.append(trial.number)
-    print(f"stopped by {name}: trial(s) {interrupted} marked for a rerun; start the search again with the same study name to resume")
-    raise_if_stopping()
 
 
 def search_data(cfg: RunConfig, params: TuningParams) -> tuple[DatasetRef, SearchData, CVPlan]:
