@@ -15,16 +15,62 @@ import yaml
 
 from model.cpu_malloc import keep_freed_memory
 
-app = typer.Typer(help="Deep Perceptual Autoencoder pipeline for anomaly detection in medical images.", no_args_is_help=True)
+EXIT_USER_ERROR = 2
+"""What a mistake of the person running the command exits with (click's own for a bad option too)."""
+
+
+def user_error(err: BaseException) -> str | None:
+    """One line for a person when `err` is theirs to fix (a missing input, an unknown model, alias or
+    preset, a bad value, data the gate refuses), naming the problem and the fix; None for a bug."""
+    from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
+
+    from data_layer.pixels import ImageReadError
+    from tasks.registry.mlflow_model import LegacyModelError
+    from tasks.registry.registration import RegistryConflict
+    from tasks.serving.journal import ScoringStateError
+
+    if isinstance(err, MlflowException) and err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        return (f"{err.message.splitlines()[0]}. Name a registered model as models:/<name>@<alias> or models:/<name>/<version>, "
+                "or a preset with --preset; `mlflow ui` lists the registered models")
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+    if type(err).__name__ == "DataValidationError" or isinstance(
+        err, (FileNotFoundError, ImageReadError, LegacyModelError, RegistryConflict, ScoringStateError)
+    ):
+        return str(err).splitlines()[0]
+    return None
+
+
+class _App(typer.Typer):
+    """`dpa`: a user error prints one line and exits 2; with --debug, or for anything else, the traceback."""
+
+    debug = False
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204 - typer's own signature
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as err:
+            message = None if _App.debug else user_error(err)
+            if message is None:
+                raise
+            typer.echo(f"error: {message}", err=True)
+            raise SystemExit(EXIT_USER_ERROR) from None
+
+
+app = _App(help="Deep Perceptual Autoencoder pipeline for anomaly detection in medical images.", no_args_is_help=True)
 data_app = typer.Typer(help="Create, import and validate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
 @app.callback()
-def _before_any_command() -> None:
+def _before_any_command(
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of a user error too")] = False,
+) -> None:
     """Set up malloc while this is the only thread, so the task threads that train share its setting;
     give Prefect's temporary server (a command run without PREFECT_API_URL) time to start: its 20 s
     default is too short for the first start of a fresh install on 2 cores (seen in `make demo`)."""
+    _App.debug = debug
     keep_freed_memory()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
