@@ -102,8 +102,9 @@ class DPAPyfuncModel(PythonModel):
         if threshold is not None and specificity is not None:
             raise ValueError(f"give param {THRESHOLD!r} or {SPECIFICITY!r}, not both")
         if threshold is not None:
-            if not math.isfinite(threshold):
-                raise ValueError(f"param {THRESHOLD!r} must be a finite score, got {threshold}")
+            if not math.isfinite(threshold) or threshold < 0:
+                raise ValueError(f"param {THRESHOLD!r} must be a finite score ≥ 0 (scores are relative perceptual "
+                                 f"losses, never negative: below 0 every image is an anomaly), got {threshold}")
             return float(threshold)
         if specificity is None:
             return self.threshold
