@@ -29,6 +29,7 @@ def user_error(err: BaseException) -> str | None:
     from tasks.registry.mlflow_model import LegacyModelError
     from tasks.registry.registration import RegistryConflict
     from tasks.serving.journal import ScoringStateError
+    from tasks.serving.scoring import NothingScored
 
     if isinstance(err, MlflowException) and err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
         return (f"{err.message.splitlines()[0]}. Name a registered model as models:/<name>@<alias> or models:/<name>/<version>, "
@@ -36,7 +37,7 @@ def user_error(err: BaseException) -> str | None:
     if isinstance(err, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
     if type(err).__name__ == "DataValidationError" or isinstance(
-        err, (FileNotFoundError, ImageReadError, LegacyModelError, RegistryConflict, ScoringStateError)
+        err, (FileNotFoundError, ImageReadError, LegacyModelError, NothingScored, RegistryConflict, ScoringStateError)
     ):
         return str(err).splitlines()[0]
     return None

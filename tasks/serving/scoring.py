@@ -58,6 +58,10 @@ _NOT_IMAGES = frozenset({"DICOMDIR"})
 log = logging.getLogger(__name__)
 
 
+class NothingScored(ValueError):
+    """Every input of a scoring run was refused: a run that scored nothing must not look like a success."""
+
+
 def list_inputs(input: str | Path) -> pd.DataFrame:
     """The files to score (`file`: absolute path, `path`: as reported; `label` for a manifest).
 
@@ -147,9 +151,17 @@ def score_inputs(
         results = _in_input_order(inputs, pd.concat([done, fresh.astype(str)], ignore_index=True), columns)
         csv = out_dir / SCORES_CSV
         _write_atomically(results, csv)
-    for path, error in results.loc[results[ERROR] != "", [PATH, ERROR]].itertuples(index=False):
+    failed = results.loc[results[ERROR] != "", [PATH, ERROR]]
+    for path, error in failed.itertuples(index=False):
         log.warning("not scored: %s: %s", path, error)
+    if len(failed) == len(results):
+        reasons = "; ".join(f"{path}: {error}" for path, error in failed.head(3).itertuples(index=False))
+        raise NothingScored(
+            f"none of the {len(results)} input file(s) under {input} could be scored (each row of {csv} names its "
+            f"reason; first: {reasons}). Check that they are images of the model's kind, then score them again."
+        )
     return csv
+
 
 
 def _keys(frame: pd.DataFrame) -> pd.Series:

@@ -15,9 +15,11 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
+from typer.testing import CliRunner
 
+from flows.cli import app, user_error
 from flows.scoring import batch_scoring
-from tasks.serving.scoring import list_inputs, score_inputs
+from tasks.serving.scoring import NothingScored, list_inputs, score_inputs
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
 
 
@@ -78,3 +80,17 @@ def test_batch_scoring_flow_writes_scores_and_publishes_summary(
     table = {row["metric"]: row["value"] for row in json.loads(artifacts[-1].data)}
     assert table["images"] == str(len(image_set.files)) and table["not scored (see error column)"] == "0"
     assert "AUROC (manifest labels)" in table
+
+
+def test_a_folder_where_nothing_can_be_scored_fails_and_keeps_the_reasons(champion: RegisteredDPA, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("a.png", "b.png", "c.dcm"):
+        (inbox / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(NothingScored, match=r"none of the 3 input file\(s\) under .*inbox could be scored") as refused:
+        score_inputs(champion.champion_uri, str(inbox), str(tmp_path / "out"))
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv", keep_default_na=False)
+    assert len(scores) == 3 and (scores["error"] != "").all()  # the reasons are kept
+    assert user_error(refused.value).startswith("none of the 3 input file(s)")  # `dpa score`: one line, exit 2
+    result = CliRunner().invoke(app, ["score", "--model", champion.champion_uri, "--input", str(inbox), "--out", str(tmp_path / "cli")])
+    assert result.exit_code != 0 and isinstance(result.exception, NothingScored)
