@@ -199,8 +199,9 @@ class RelativePerceptualLoss(nn.Module):
             std = std.view(1, -1, 1, 1).clamp_min(MIN_STD)
             getattr(self, f"mean_{l}").copy_(mean.view(1, -1, 1, 1))
             getattr(self, f"std_{l}").copy_(std)
-            getattr(self, f"keep_{l}").copy_((std >= self.min_channel_std * std.median()).to(std.dtype))
-            dead = self.dead_channels()[l]
+            keep = std >= self.min_channel_std * std.median()
+            getattr(self, f"keep_{l}").copy_(keep.to(std.dtype))
+            dead = int((~keep).sum())
             if dead > DEAD_SHARE_WARNING * std.numel():
                 log.warning("%d of %d channels of VGG layer %s carry no signal on these images (std < %g × the "
                             "layer's median) and get no weight: the layer sees little of them",

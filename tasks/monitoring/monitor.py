@@ -161,10 +161,11 @@ def append_ledger(scores_csv: str | Path, digests: list[str], run_id: str) -> No
 
 def existing_run(batch: Batch) -> str | None:
     """The monitoring run of the same images and version, if one exists (idempotent per input digest)."""
-    experiment = MlflowClient().get_experiment_by_name(batch.model_name + MONITORING_SUFFIX)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(batch.model_name + MONITORING_SUFFIX)
     if experiment is None:
         return None
-    runs = MlflowClient().search_runs(
+    runs = client.search_runs(
         [experiment.experiment_id], max_results=1,
         filter_string=f"tags.input_digest = '{batch.input_digest}' and tags.model_version = '{batch.model_version}'",
     )

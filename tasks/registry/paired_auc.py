@@ -18,6 +18,8 @@ import numpy as np
 from pydantic import BaseModel
 from scipy.stats import norm, rankdata
 
+from tasks.training.metrics import group_codes
+
 
 class PairedAUROC(BaseModel):
     """Challenger minus champion on the same images, with the one-sided test of H0: difference ≤ `null_difference`."""
@@ -53,7 +55,7 @@ def delong_covariance(
     m, n = int(y.sum()), int((~y).sum())
     if m < 2 or n < 2:
         raise ValueError(f"DeLong needs at least 2 abnormal and 2 normal images; got {m} and {n}")
-    cluster = _group_codes(groups, y.size)
+    cluster = group_codes(groups, y.size)
     positives, negatives = s[:, y], s[:, ~y]
     combined = rankdata(np.concatenate([positives, negatives], axis=1), axis=1)
     within_pos, within_neg = rankdata(positives, axis=1), rankdata(negatives, axis=1)
@@ -72,16 +74,6 @@ def delong_covariance(
     s11 = n_groups / (n_groups - 1) * d10 @ d01.T
     covariance = s10 / m + s01 / n + (s11 + s11.T) / (m * n)
     return aurocs, covariance
-
-
-def _group_codes(groups: np.ndarray | None, n: int) -> np.ndarray:
-    """0..G-1 per image; every image its own group when `groups` is None."""
-    if groups is None:
-        return np.arange(n)
-    groups = np.asarray(groups)
-    if groups.shape != (n,):
-        raise ValueError(f"{n} images but {groups.size} group names")
-    return np.unique(groups, return_inverse=True)[1].ravel()
 
 
 def _per_group(components: np.ndarray, cluster: np.ndarray, n_groups: int) -> np.ndarray:

@@ -84,9 +84,7 @@ def evaluate_scores(
     n_abnormal = int(y.sum())
     if n_abnormal == 0 or n_abnormal == len(y):
         raise ValueError("AUROC needs both normal and abnormal test images; the test split has only one class")
-    cluster = np.arange(len(y)) if groups is None else pd.factorize(np.asarray(groups))[0]  # in order of first image
-    if len(cluster) != len(y):
-        raise ValueError(f"{len(y)} labels but {len(cluster)} groups")
+    cluster = group_codes(groups, len(y))
     low, high = cluster_bootstrap_auroc_ci(y, s, cluster, np.random.default_rng(seed), n_bootstrap)
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     return Evaluation(
@@ -99,6 +97,17 @@ def evaluate_scores(
         n_abnormal=n_abnormal,
         n_groups=int(cluster.max()) + 1,
     )
+
+
+def group_codes(groups: Sequence | np.ndarray | None, n: int) -> np.ndarray:
+    """0..G-1 per image in order of first appearance (so singletons keep the image order); every
+    image its own group when `groups` is None."""
+    if groups is None:
+        return np.arange(n)
+    codes = pd.factorize(np.asarray(groups))[0]
+    if len(codes) != n:
+        raise ValueError(f"{n} images but {len(codes)} group names")
+    return codes
 
 
 def cluster_bootstrap_auroc_ci(
