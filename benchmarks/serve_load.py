@@ -117,6 +117,7 @@ def log_untrained(preset: str, tracking_uri: str, tmp: Path) -> str:
 
     from model.dpa import DPA
     from model.scoring import score_images
+    from data_layer.expectations import ValidationRules
     from tasks.registry.mlflow_model import log_dpa_model
 
     dpa_cfg, preprocess = preset_serving_config(preset)
@@ -128,7 +129,8 @@ def log_untrained(preset: str, tracking_uri: str, tmp: Path) -> str:
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve-load", artifact_location=(tmp / "artifacts").as_uri()))
     with mlflow.start_run():
         info = log_dpa_model(dpa, preprocess, max(normals), "serve-load", "untrained: max of 8 random images",
-                             normal_scores=normals, normal_source="random images", quantile=1.0)
+                             normal_scores=normals, normal_source="random images", quantile=1.0,
+                             input_rules=ValidationRules())
     return f"models:/serve-load/{info.registered_model_version}"
 
 

@@ -3,10 +3,9 @@
 Training, evaluation, validation and serving all read pixels through `read_image`, so a format
 quirk is handled in exactly one place. Rules for data that are not 8-bit already:
 
-- 16-bit or 32-bit PNG/TIFF and non-uint8 NPY arrays are stretched per image from their min..max to
-  0..255 (a constant image becomes all zeros, which the validation gate reports). Medical 16-bit
-  files rarely use the whole 16-bit range (12-bit detectors), so scaling by the dtype range would
-  leave them nearly black.
+- 16-bit or 32-bit PNG/TIFF and non-uint8 NPY arrays are mapped to 0..255 through a robust window
+  (their 0.5th..99.5th percentiles; `data_layer.pixels`), so a hot pixel cannot rescale the image;
+  a constant image becomes all zeros, which the validation gate and scoring refuse.
 - DICOM follows its header instead (modality LUT, VOI LUT/window, photometric interpretation): see
   `data_layer.dicom`.
 

@@ -5,7 +5,8 @@ Two tables are validated with GX 1.x expectations:
 - the manifest as written (required columns, domains, nulls, unique and safe paths, patient
   groups confined to one split, enough normal training images, both classes in test);
 - one row per image, built here by decoding every file once through `read_image` (readable,
-  channels, size, 8-bit, not constant, no identical pixels shared by two splits).
+  channels, size, 8-bit, not constant, no identical pixels shared by two splits). Scoring and
+  serving check each image against the same per-image rules (`data_layer.admission`).
 
 Pandas only derives columns (decode facts, the splits a group or a pixel hash spans); GX does every
 assertion (the suites are in `data_layer.expectations`), so the rules show up in GX's Data Docs
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from data_layer.admission import image_facts
 from data_layer.data_docs import build_offline_data_docs, data_docs_context
 from data_layer.expectations import LINE, ValidationRules, image_checks, manifest_checks, schema_checks
 from data_layer.images import pixel_hash, read_image
@@ -199,14 +201,7 @@ def _inspect(path: Path, max_pixels: int) -> dict[str, Any]:
         image = read_image(path, max_pixels=max_pixels)
     except ImageReadError as exc:
         return {"error": str(exc)}
-    pixels = np.asarray(image)
-    return {
-        "channels": len(image.getbands()),
-        "min_side": min(image.size),
-        "dtype": pixels.dtype.name,
-        "std": float(pixels.std()),
-        "pixel_hash": pixel_hash(image),
-    }
+    return {**image_facts(image), "pixel_hash": pixel_hash(image)}
 
 
 def _splits_sharing(table: pd.DataFrame, key: str) -> pd.Series:

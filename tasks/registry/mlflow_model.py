@@ -29,6 +29,7 @@ from mlflow.pyfunc import PyFuncModel
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from data_layer.expectations import ValidationRules
 from data_layer.preprocessing import PreprocessConfig
 from model.dpa import DPA, save_dpa
 from tasks.registry.pyfunc_model import (
@@ -81,8 +82,10 @@ class LegacyModelError(RuntimeError):
 
 
 def input_example(cfg: PreprocessConfig) -> pd.DataFrame:
-    """One mid-grey PNG of the model's input size: a request the server accepts as is."""
-    image = Image.new("L", (cfg.size, cfg.size), color=128).convert("L" if cfg.channels == 1 else "RGB")
+    """One grey-ramp PNG of the model's input size: a request the server accepts as is (a blank
+    image would be refused by the input checks)."""
+    ramp = Image.linear_gradient("L").resize((cfg.size, cfg.size))
+    image = ramp.convert("L" if cfg.channels == 1 else "RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return pd.DataFrame({IMAGE: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
@@ -98,18 +101,20 @@ def log_dpa_model(
     normal_scores: Sequence[float],
     normal_source: str,
     quantile: float,
+    input_rules: ValidationRules,
 ) -> ModelInfo:
     """Log the DPA as pyfunc `model` (from code) in the active run and register it as a new version.
 
     `normal_scores` are the normal-image scores the threshold was set on (`normal_source` says
     which images; `threshold` is their `quantile`): stored as `reference_scores.json` for
-    thresholds by specificity at inference and for drift checks. The project packages travel as
+    thresholds by specificity at inference and for drift checks. `input_rules` (the training gate's)
+    are checked on every image scoring and serving receive. The project packages travel as
     `code_paths`, so the model loads with the code it was trained with; third-party requirements are
     pinned to this environment's versions.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_dpa_model needs an active MLflow run: call it inside `with mlflow.start_run():`")
-    serving = ServingConfig(preprocess=preprocess_cfg, threshold=threshold, threshold_rule=threshold_rule)
+    serving = ServingConfig(preprocess=preprocess_cfg, threshold=threshold, threshold_rule=threshold_rule, input_rules=input_rules)
     reference = reference_scores(normal_scores, normal_source, quantile, threshold_rule)
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, ref = Path(tmp) / "dpa.pt", Path(tmp) / "serving_config.json", Path(tmp) / REFERENCE_SCORES_FILE

@@ -3,7 +3,8 @@
 No Prefect here: the model server imports this module (through the models-from-code file
 `tasks/registry/dpa_model_code.py`). Images reach the model through the same `read_image` +
 `preprocess_images` code as training, so a served score equals the training-time score of the
-same file. What a request may contain is checked by `tasks.serving.request`.
+same file, and pass the training gate's per-image checks first (size, channels, not blank), so an
+image training would have refused is refused here too, with its reason. What a request may contain is checked by `tasks.serving.request`.
 
 Input: a DataFrame with one row per image and, per row, exactly one of
 - `image`: the file's bytes (PNG, JPEG, TIFF, DICOM or NPY), base64-encoded;
@@ -38,6 +39,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from data_layer.admission import check_image
+from data_layer.expectations import ValidationRules
 from data_layer.images import is_image_file, read_image
 from data_layer.pixels import ImageReadError
 from data_layer.preprocessing import PreprocessConfig, preprocess_images
@@ -58,12 +61,19 @@ INTERNAL_FAILURE = "the server failed to score this request (an internal error, 
 log = logging.getLogger(__name__)
 
 
+UNRECORDED_RULES = ValidationRules(min_size=1)
+"""The input rules of versions logged before they were recorded: only the blank-image check, which
+needs no training setting, so those versions still score everything they scored before."""
+
+
 class ServingConfig(BaseModel):
-    """Everything besides the weights that turns a file into a decision."""
+    """Everything besides the weights that turns a file into a decision. `input_rules` are the
+    training gate's rules, applied to every image before it is scored (`data_layer.admission`)."""
 
     preprocess: PreprocessConfig
     threshold: float
     threshold_rule: str
+    input_rules: ValidationRules = UNRECORDED_RULES
 
 
 class ReferenceScores(BaseModel):
@@ -155,7 +165,10 @@ class DPAPyfuncModel(PythonModel):
         return read_image(source, self.limits.max_pixels)
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
-        """Decoded images → uint8 N×C×S×S model input, by the training transform."""
+        """Decoded images → uint8 N×C×S×S model input, by the training transform, after the training
+        gate's per-image checks (`ImageRefused` names the broken rule)."""
+        for image in images:
+            check_image(image, self.config.input_rules)
         return preprocess_images(images, self.config.preprocess)
 
     def score(self, images: torch.Tensor, heatmap: bool = False, threshold: float | None = None) -> pd.DataFrame:

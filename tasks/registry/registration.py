@@ -70,7 +70,7 @@ def register_model(dpa: DPA, evaluation: ModelEvaluation, cfg: RunConfig, run_id
         info = log_dpa_model(
             dpa, cfg.preprocess, evaluation.threshold, cfg.registry.model_name, evaluation.threshold_rule,
             normal_scores=evaluation.normal_scores, normal_source=evaluation.normal_source,
-            quantile=evaluation.threshold_quantile,
+            quantile=evaluation.threshold_quantile, input_rules=cfg.validation,
         )
     version = str(info.registered_model_version)
     MlflowClient().set_model_version_tag(cfg.registry.model_name, version, TAG_PRESET, cfg.preset)

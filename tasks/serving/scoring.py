@@ -1,8 +1,9 @@
 """Batch scoring with a registered DPA: a folder, a dataset (manifest.csv) or a DICOM directory in,
 `scores.csv` and heat-map PNGs out.
 
-Files go through the loaded pyfunc model's own decode → preprocess → score path, so batch scores
-equal served scores. A file that cannot be read or preprocessed is never dropped: its row in
+Files go through the loaded pyfunc model's own decode → check → preprocess → score path, so batch
+scores equal served scores, and an image the training gate would refuse (too small, wrong channels,
+blank) is refused here too. A file that cannot be read, is refused or cannot be preprocessed is never dropped: its row in
 `scores.csv` has an empty score and the reason in the `error` column, the run logs it as a
 warning, and the summary counts it; the other files are still scored.
 
@@ -29,6 +30,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
+from data_layer.admission import ImageRefused
 from data_layer.images import SUPPORTED_SUFFIXES, is_image_file, read_image
 from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
 from data_layer.pixels import ImageReadError
@@ -112,6 +114,8 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
             errors.append("")
         except ImageReadError as exc:
             errors.append(str(exc))
+        except ImageRefused as exc:
+            errors.append(f"{file}: {exc}")
         except ValueError as exc:
             errors.append(f"{file}: cannot preprocess ({exc}); check it against the model's preprocessing config")
     frame = pd.DataFrame({ERROR: errors})

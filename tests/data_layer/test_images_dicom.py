@@ -41,12 +41,38 @@ def test_other_8bit_modes_become_l_or_rgb(tmp_path, gray, mode, expected):
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
-def test_16bit_is_stretched_min_max_to_8bit(tmp_path, suffix):
+def test_16bit_goes_through_the_robust_window_to_8bit(tmp_path, suffix):
     values = np.linspace(1000, 3000, 24 * 32).reshape(24, 32).astype(np.uint16)
     path = save(Image.fromarray(values), tmp_path / f"deep{suffix}")
     array = np.asarray(read_image(path))
     assert array.dtype == np.uint8 and array.min() == 0 and array.max() == 255
     assert np.all(np.diff(array.astype(int), axis=1) >= 0)
+    low, high = np.percentile(values, (0.5, 99.5))
+    middle = values[12, 16]
+    assert abs(int(array[12, 16]) - (middle - low) * 255 / (high - low)) <= 1
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_one_hot_pixel_does_not_rescale_a_16bit_image(tmp_path, suffix):
+    """A 12-bit detector image with one stuck pixel at 65535: min..max scaling would darken every
+    other pixel about 16-fold; the robust window leaves them where they were."""
+    values = (np.random.default_rng(0).random((48, 48)) * 3000 + 500).astype(np.uint16)
+    hot = values.copy()
+    hot[5, 7] = 65535
+    clean = np.asarray(read_image(save(Image.fromarray(values), tmp_path / f"clean{suffix}"))).astype(int)
+    spoiled = np.asarray(read_image(save(Image.fromarray(hot), tmp_path / f"hot{suffix}"))).astype(int)
+    others = np.ones(values.shape, bool)
+    others[5, 7] = False
+    assert np.abs(clean - spoiled)[others].max() <= 1 and spoiled[5, 7] == 255
+    min_max = (hot.astype(float) - hot.min()) * 255 / (hot.max() - hot.min())
+    assert np.abs(clean - min_max)[others].mean() > 100  # what the old per-image min..max did
+
+
+def test_a_sparse_image_keeps_its_few_bright_pixels(tmp_path):
+    values = np.zeros((40, 40), np.uint16)
+    values[3, 4] = 1000
+    array = np.asarray(read_image(save(Image.fromarray(values), tmp_path / "sparse.png")))
+    assert array[3, 4] == 255 and array.sum() == 255
 
 
 def test_jpeg_decodes(tmp_path, gray):
@@ -62,7 +88,7 @@ def test_npy_rules(tmp_path, gray):
     np.save(tmp_path / "rgb.npy", np.stack([gray] * 3, axis=-1))
     assert read_image(tmp_path / "rgb.npy").mode == "RGB"
     np.save(tmp_path / "float.npy", np.array([[-1.0, 0.0], [0.5, 1.0]]))
-    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "float.npy")), [[0, 128], [191, 255]])
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "float.npy")), [[0, 127], [191, 255]])  # 0.5..99.5th pct
     np.save(tmp_path / "nan.npy", np.array([[np.nan, 0.0], [0.0, 1.0]]))
     np.save(tmp_path / "rgba.npy", np.zeros((4, 4, 4), np.uint8))
     np.save(tmp_path / "flat.npy", np.zeros(16, np.uint8))

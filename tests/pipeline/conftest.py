@@ -24,6 +24,7 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from data_layer.expectations import ValidationRules
 from data_layer.images import read_image, write_png
 from data_layer.manifest import write_manifest
 from data_layer.preprocessing import PreprocessConfig, preprocess_images
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 RES = 16
 PREPROCESS = PreprocessConfig(channels=1, size=RES)
+INPUT_RULES = ValidationRules(min_size=RES)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def register(dpa: DPA, name: str, threshold: float = 1.0, normal_scores: list[fl
     normals = normal_scores if normal_scores is not None else [threshold * k / 20 for k in range(21)]
     with mlflow.start_run():
         info = log_dpa_model(dpa, PREPROCESS, threshold, name, threshold_rule(0.95),
-                             normal_scores=normals, normal_source=VAL_NORMALS, quantile=0.95)
+                             normal_scores=normals, normal_source=VAL_NORMALS, quantile=0.95, input_rules=INPUT_RULES)
     return str(info.registered_model_version)
 
 

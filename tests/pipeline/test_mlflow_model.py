@@ -5,6 +5,7 @@ threshold can be chosen per request, and versions logged as pickles are refused 
 from __future__ import annotations
 
 import base64
+import io
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
 from data_layer.images import read_image
 from data_layer.preprocessing import preprocess_images
@@ -31,7 +33,7 @@ from tasks.registry.mlflow_model import (
 )
 from tasks.registry.pyfunc_model import INTERNAL_FAILURE, SERVING_CONFIG, WEIGHTS, ServingConfig
 from tasks.serving.request import PATH_ROOT_ENV, PATHS_DISABLED
-from tests.pipeline.conftest import PREPROCESS, ImageSet, RegisteredDPA
+from tests.pipeline.conftest import INPUT_RULES, PREPROCESS, ImageSet, RegisteredDPA
 
 
 def b64(path) -> str:
@@ -98,6 +100,20 @@ def test_bad_rows_are_named_in_one_error(champion: RegisteredDPA, image_set: Ima
     assert "row 3: give exactly one of the columns" in message and "row 4: column 'image' must be a string, got int" in message
 
 
+def test_served_images_the_training_gate_would_refuse_are_named_and_not_scored(champion: RegisteredDPA, image_set: ImageSet) -> None:
+    def png(array: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    rows = pd.DataFrame({"image": [b64(image_set.files[0]), png(np.zeros((4, 40), np.uint8)), png(np.full((20, 20), 9, np.uint8))]})
+    with pytest.raises(MlflowException) as caught:
+        load_champion(champion.name).predict(rows)
+    message = str(caught.value)
+    assert "row 0" not in message and "row 1: refused: 40x4 px, below the 16 px minimum side" in message
+    assert "row 2: refused: blank (one grey level, 9)" in message
+
+
 def test_threshold_and_specificity_params_set_the_operating_point(champion: RegisteredDPA, image_set: ImageSet) -> None:
     model = load_champion(champion.name)
     frame = pd.DataFrame({"image": [b64(f) for f in image_set.files]})
@@ -152,7 +168,7 @@ def test_logging_prints_no_cloudpickle_warning(tiny_dpa, mlflow_store: str, monk
     monkeypatch.setattr(mlflow.pyfunc._logger, "warning", lambda msg, *args, **kw: warnings.append(str(msg)))
     with mlflow.start_run():
         log_dpa_model(tiny_dpa, PREPROCESS, 1.0, "dpa-no-pickle", "rule", normal_scores=[0.5, 1.0],
-                      normal_source="normal validation images", quantile=0.95)
+                      normal_source="normal validation images", quantile=0.95, input_rules=INPUT_RULES)
     assert not [w for w in warnings if "CloudPickle" in w]
 
 
@@ -180,4 +196,4 @@ def test_a_version_logged_as_a_pickle_is_refused_or_read_without_unpickling(
 def test_logging_needs_an_active_run(tiny_dpa, mlflow_store: str) -> None:
     with pytest.raises(RuntimeError, match="active MLflow run"):
         log_dpa_model(tiny_dpa, PREPROCESS, 1.0, "never-registered", "rule", normal_scores=[1.0],
-                      normal_source="x", quantile=0.95)
+                      normal_source="x", quantile=0.95, input_rules=INPUT_RULES)

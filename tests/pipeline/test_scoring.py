@@ -17,9 +17,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
 from typer.testing import CliRunner
 
+from data_layer.images import read_image
 from flows.cli import app, user_error
 from flows.scoring import batch_scoring
+from tasks.registry.mlflow_model import SCORE, load_dpa_scorer
 from tasks.serving.scoring import NothingScored, list_inputs, score_inputs
+from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
 
 
@@ -94,3 +97,38 @@ def test_a_folder_where_nothing_can_be_scored_fails_and_keeps_the_reasons(champi
     assert user_error(refused.value).startswith("none of the 3 input file(s)")  # `dpa score`: one line, exit 2
     result = CliRunner().invoke(app, ["score", "--model", champion.champion_uri, "--input", str(inbox), "--out", str(tmp_path / "cli")])
     assert result.exit_code != 0 and isinstance(result.exception, NothingScored)
+
+
+def test_tiny_and_blank_images_are_refused_with_their_reason_and_not_scored(
+    champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path
+) -> None:
+    """The training gate's per-image rules at the door: the model was trained with 16 px as the
+    smallest side (conftest INPUT_RULES), so a 2x2 image and a blank one are refused, not scored."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.fromarray(np.full((2, 2), 90, np.uint8)).save(inbox / "tiny.png")
+    Image.fromarray(np.full((32, 32), 170, np.uint8)).save(inbox / "blank.png")
+    shutil.copy(next(f for f in image_set.files if f.suffix == ".png"), inbox / "good.png")
+    scores = pd.read_csv(score_inputs(champion.champion_uri, str(inbox), str(tmp_path / "out")), keep_default_na=False).set_index("path")
+    assert "2x2 px, below the 16 px minimum side" in scores.at["tiny.png", "error"]
+    assert "blank (one grey level, 170)" in scores.at["blank.png", "error"]
+    assert scores.loc[["tiny.png", "blank.png"], ["anomaly_score", "is_anomaly", "heatmap"]].eq("").all().all()
+    assert scores.at["good.png", "error"] == "" and float(scores.at["good.png", "anomaly_score"]) > 0
+
+
+def test_one_hot_pixel_does_not_move_the_score_of_a_16bit_image(champion: RegisteredDPA, tmp_path: Path) -> None:
+    """A 12-bit image saved as 16-bit PNG, then the same with one stuck pixel at 65535: its score moves
+    by a small fraction of the spread of normal scores (the old min..max scaling moved it by many spreads)."""
+    scorer = load_dpa_scorer(champion.champion_uri)
+    blob = blob_images(1, 32, seed=7)[0, 0].numpy().astype(np.uint16) * 16  # 12-bit values
+    hot = blob.copy()
+    hot[3, 4] = 65535
+    files = [tmp_path / "clean.png", tmp_path / "hot.png"]
+    for array, file in zip((blob, hot), files):
+        Image.fromarray(array).save(file)
+    clean, spoiled = (float(scorer.score(scorer.prepare([read_image(f)]))[SCORE].iloc[0]) for f in files)
+    spread = float(np.std(champion.normal_scores))
+    old = (hot.astype(float) - hot.min()) / (hot.max() - hot.min()) * 255
+    min_max = float(scorer.score(scorer.prepare([Image.fromarray(np.rint(old).astype(np.uint8))]))[SCORE].iloc[0])
+    assert abs(spoiled - clean) < 0.25 * spread, (clean, spoiled, spread)
+    assert abs(min_max - clean) > 2 * spread, (clean, min_max, spread)
