@@ -16,7 +16,9 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,11 @@ def resolve_model(model_uri: str) -> ModelRef:
         found = registered_version(model_uri)
         return ModelRef(f"models:/{found.name}/{found.version}", str(found.version))
     return ModelRef(model_uri, mlflow.models.get_model_info(model_uri).model_uuid)
+
+
+def row_keys(frame: pd.DataFrame) -> pd.Series:
+    """One string per row naming its (path, input digest): what makes a file already scored."""
+    return frame[KEY[0]].astype(str) + "\0" + frame[INPUT_DIGEST].astype(str)
 
 
 def file_digests(files: list[Path]) -> list[str]:
@@ -135,8 +142,10 @@ class ScoreJournal:
             os.fsync(handle.fileno())
 
 
-def output_lock(out_dir: Path) -> FileLock:
-    """Held for a whole scoring run; a second run on the same folder is refused, not interleaved."""
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Held for a whole scoring run and released when it ends (acquired once, released once); a
+    second run on the same folder is refused, not interleaved."""
     lock = FileLock(out_dir / LOCK_FILE, timeout=0)
     try:
         lock.acquire()
@@ -144,4 +153,7 @@ def output_lock(out_dir: Path) -> FileLock:
         raise ScoringStateError(
             f"another scoring run is writing to {out_dir} (lock {out_dir / LOCK_FILE}); wait for it, or choose another --out"
         ) from None
-    return lock
+    try:
+        yield
+    finally:
+        lock.release()

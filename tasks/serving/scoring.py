@@ -48,6 +48,7 @@ from tasks.serving.journal import (
     file_digests,
     output_lock,
     resolve_model,
+    row_keys,
 )
 from tasks.training.metrics import binary_labels
 
@@ -127,10 +128,11 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
 
 def score_inputs(
     model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK,
-    threshold: float | None = None, specificity: float | None = None,
-) -> Path:
+    threshold: float | None = None, specificity: float | None = None, skip: frozenset[str] = frozenset(),
+) -> Path | None:
     """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`).
-    `threshold` or `specificity` set the operating point as the serving params do.
+    `threshold` or `specificity` set the operating point as the serving params do. Files whose
+    `row_keys` are in `skip` (scored in an earlier run folder) are left out; None when that leaves none.
 
     Crash-safe and resumable (see `tasks.serving.journal`): rows reach the journal chunk by chunk, a
     rerun skips what is there, and scores.csv is written (atomically) once every file is scored.
@@ -138,6 +140,9 @@ def score_inputs(
     """
     inputs = list_inputs(input)
     inputs[INPUT_DIGEST] = file_digests(list(inputs[FILE]))
+    inputs = inputs[~row_keys(inputs).isin(skip)].reset_index(drop=True)
+    if inputs.empty:
+        return None
     model = resolve_model(model_uri)
     scorer = load_dpa_scorer(model.uri, threshold, specificity)
     out_dir = Path(out)
@@ -148,7 +153,7 @@ def score_inputs(
         journal = ScoreJournal(out_dir, columns, model, repr(scorer.threshold))
         done = journal.read()
         _refuse_foreign_scores(out_dir / SCORES_CSV, model)
-        todo = inputs[~_keys(inputs).isin(set(_keys(done)))].reset_index(drop=True)
+        todo = inputs[~row_keys(inputs).isin(set(row_keys(done)))].reset_index(drop=True)
         if len(todo) < len(inputs):
             print(f"resuming {out_dir}: {len(inputs) - len(todo)} of {len(inputs)} files already scored by version {model.version}")
         fresh = _score_todo(model, scorer, todo, out_dir, heatmaps, journal, chunk_size)
@@ -166,10 +171,6 @@ def score_inputs(
         )
     return csv
 
-
-
-def _keys(frame: pd.DataFrame) -> pd.Series:
-    return frame[PATH].astype(str) + "\0" + frame[INPUT_DIGEST].astype(str)
 
 
 def _score_todo(
@@ -256,9 +257,9 @@ def summarize(scores_csv: Path) -> list[dict[str, str]]:
 @task(name="score-images", cache_policy=NO_CACHE)
 def score_inputs_task(
     model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK,
-    threshold: float | None = None, specificity: float | None = None,
-) -> Path:
-    return score_inputs(model_uri, input, out, heatmaps, chunk_size, threshold=threshold, specificity=specificity)
+    threshold: float | None = None, specificity: float | None = None, skip: frozenset[str] = frozenset(),
+) -> Path | None:
+    return score_inputs(model_uri, input, out, heatmaps, chunk_size, threshold=threshold, specificity=specificity, skip=skip)
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)

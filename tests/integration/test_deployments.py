@@ -14,24 +14,30 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import mlflow
+import pandas as pd
 import psutil
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from data_layer.preprocessing import preprocess_dataset
 from model.trainer import CHECKPOINT_NAME, train_dpa
 from tasks.config import PipelineParams, resolve_run_config
 from tasks.monitoring.monitor import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
-from tasks.registry.mlflow_model import load_dpa_scorer
+from tasks.registry.mlflow_model import CHAMPION, load_dpa_scorer
+from tasks.registry.tracking import configure_tracking, ensure_experiment
 from tests.integration.conftest import BIN, REPO, PrefectServer, run_command
 from tests.integration.drift_client import MODEL_NAME
+from tests.model_core.conftest import blob_images, tiny_config
+from tests.pipeline.conftest import RES, register
 from tests.tiny import tiny_training
 
 pytestmark = pytest.mark.integration
@@ -102,11 +108,13 @@ def test_deploy_all_creates_the_documented_deployments(prefect_server: PrefectSe
     assert bad.status_code == 409 and "preset" in bad.text, bad.text
 
 
-def start_worker(prefect_server: PrefectServer, project: Path, tracking_uri: str, log: Path, **env: str) -> subprocess.Popen:
-    """A real process worker on the training queue (--run-once: poll once, run what it got, exit when
-    that run ends), in its own session like a service, logging to `log`; `env` adds to its environment."""
+def start_worker(
+    prefect_server: PrefectServer, project: Path, tracking_uri: str, log: Path, queue: str = TRAINING_QUEUE, **env: str
+) -> subprocess.Popen:
+    """A real process worker on `queue` (--run-once: poll once, run what it got, exit when that run
+    ends), in its own session like a service, logging to `log`; `env` adds to its environment."""
     env = {**os.environ, **prefect_server.env, "DPA_PROJECT_DIR": str(project), "MLFLOW_TRACKING_URI": tracking_uri, **env}
-    command = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--work-queue", TRAINING_QUEUE,
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--work-queue", queue,
                "--run-once", "--limit", "1"]
     with log.open("wb") as sink:
         return subprocess.Popen(command, cwd=log.parent, env=env, stdout=sink, stderr=subprocess.STDOUT,
@@ -149,6 +157,34 @@ def test_train_on_demand_runs_on_a_process_worker(
     )
     assert len(versions) == 1
     assert (project / "data.dvc").is_file()  # the imported dataset became the versioned data/
+
+
+def test_batch_scoring_runs_on_a_worker_before_and_after_a_promotion(
+    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
+) -> None:
+    """The same run parameters (no edit of the deployment) on the day a new champion arrives: each
+    version writes its own folder, where a fixed output folder used to refuse the new version."""
+    name = f"dpa-scoring-{uuid.uuid4().hex[:8]}"
+    configure_tracking()
+    mlflow.set_experiment(experiment_id=ensure_experiment("batch-scoring-test"))
+    versions = [register(train_dpa(tiny_config(res=RES, stab_iters=20, seed=seed), blob_images(32, RES, seed=seed),
+                                   progress=False), name) for seed in (0, 1)]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i, image in enumerate(blob_images(6, 2 * RES, seed=5)):
+        Image.fromarray(image[0].numpy()).save(inbox / f"img{i}.png")
+    deployment = deployments["batch-scoring"]
+    params = {"model_uri": f"models:/{name}@{CHAMPION}", "input": str(inbox), "out": str(tmp_path / "scores"), "monitor": False}
+    for version in versions:
+        MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+        run_id = prefect_server.api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": params})["id"]
+        log = tmp_path / f"worker-v{version}.log"
+        worker = start_worker(prefect_server, project, os.environ["MLFLOW_TRACKING_URI"], log, queue=deployment["work_queue_name"])
+        run_worker_to_the_end(worker)
+        assert state_of(prefect_server, run_id)["type"] == "COMPLETED", log.read_text(errors="replace")[-6000:]
+        folder = tmp_path / "scores" / f"{datetime.now(UTC).date().isoformat()}_{name}-v{version}"
+        scores = pd.read_csv(folder / "scores.csv", dtype=str, keep_default_na=False)
+        assert len(scores) == 6 and set(scores["model_version"]) == {version} and (scores["error"] == "").all()
 
 
 def wait_for(what: str, probe: Callable[[], T], timeout: float = 90, alive: subprocess.Popen | None = None) -> T:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from data_layer.images import read_image
 from flows.cli import app, user_error
 from flows.scoring import batch_scoring
 from tasks.registry.mlflow_model import SCORE, load_dpa_scorer
+from tasks.serving.journal import resolve_model
+from tasks.serving.run_folders import run_folder
 from tasks.serving.scoring import NothingScored, list_inputs, score_inputs
 from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
@@ -73,7 +76,9 @@ def test_inputs_that_hold_no_images_are_refused(tmp_path: Path) -> None:
 def test_batch_scoring_flow_writes_scores_and_publishes_summary(
     prefect_server: None, champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path
 ) -> None:
-    csv = batch_scoring(input=str(image_set.root), out=str(tmp_path / "out"), model_uri=champion.champion_uri, chunk_size=3)
+    csv = batch_scoring(input=str(image_set.root), out=str(tmp_path / "out"), model_uri=champion.champion_uri, chunk_size=3,
+                        monitor=False)  # test_monitoring monitors these images with this champion
+    assert Path(csv).parent.name.endswith(f"_{champion.name}-v{champion.version}")
     scores = pd.read_csv(csv, dtype=str)
     assert len(scores) == len(image_set.files) and set(scores["threshold"]) == {repr(champion.threshold)}
     with pytest.raises(ParameterTypeError, match="chunk_size"):
@@ -83,6 +88,28 @@ def test_batch_scoring_flow_writes_scores_and_publishes_summary(
     table = {row["metric"]: row["value"] for row in json.loads(artifacts[-1].data)}
     assert table["images"] == str(len(image_set.files)) and table["not scored (see error column)"] == "0"
     assert "AUROC (manifest labels)" in table
+
+
+def test_each_flow_run_writes_a_folder_per_day_and_version_and_scores_only_what_is_new(
+    prefect_server: None, champion: RegisteredDPA, image_set: ImageSet, tmp_path: Path
+) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "scores"
+    inbox.mkdir()
+    for file in image_set.files[:3]:
+        shutil.copy(file, inbox / file.name)
+    model = resolve_model(champion.champion_uri)
+    yesterday = run_folder(out, model, date(2026, 1, 1))
+    assert yesterday.name == f"2026-01-01_{champion.name}-v{champion.version}"
+    score_inputs(model.uri, str(inbox), str(yesterday), heatmaps=False)  # an earlier day's run
+
+    assert batch_scoring(input=str(inbox), out=str(out), model_uri=champion.champion_uri, monitor=False) == ""  # nothing new
+    shutil.copy(image_set.files[3], inbox / image_set.files[3].name)
+    (inbox / image_set.files[0].name).write_bytes(image_set.files[4].read_bytes())  # an edited file is new again
+    csv = Path(batch_scoring(input=str(inbox), out=str(out), model_uri=champion.champion_uri, monitor=False))
+    assert csv.parent == run_folder(out, model, datetime.now(UTC).date())
+    today = pd.read_csv(csv, keep_default_na=False)
+    assert sorted(today["path"]) == sorted([image_set.files[0].name, image_set.files[3].name])
+    assert len(pd.read_csv(yesterday / "scores.csv")) == 3  # the earlier folder is left as it was
 
 
 def test_a_folder_where_nothing_can_be_scored_fails_and_keeps_the_reasons(champion: RegisteredDPA, tmp_path: Path) -> None:

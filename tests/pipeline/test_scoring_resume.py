@@ -5,6 +5,7 @@ writer is refused."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from filelock import FileLock
 from PIL import Image
 
-from tasks.serving.journal import JOURNAL_CSV, ScoringStateError, output_lock
+from tasks.serving.journal import JOURNAL_CSV, LOCK_FILE, ScoringStateError, output_lock
 from tasks.serving.scoring import SCORES_CSV, score_inputs
 from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import RES, RegisteredDPA, register
@@ -185,3 +187,11 @@ def test_a_second_writer_on_the_same_folder_is_refused(champion: RegisteredDPA, 
     with output_lock(out):
         with pytest.raises(ScoringStateError, match="another scoring run is writing to"):
             score_inputs(champion.champion_uri, str(folder), str(out))
+    gc.disable()  # released when the run ends, not when the garbage collector gets to the lock
+    try:
+        score_inputs(champion.champion_uri, str(folder), str(out), heatmaps=False)
+        lock = FileLock(out / LOCK_FILE, timeout=0)
+        lock.acquire()
+        lock.release()
+    finally:
+        gc.enable()
