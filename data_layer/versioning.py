@@ -1,7 +1,13 @@
-"""DVC 3 versioning of the active dataset: `data/` (git-ignored), tracked by `data.dvc`.
+"""DVC 3 versioning of the project's datasets: the production dataset and the import workspaces.
 
-The data version of a run is the md5 of `data/` recorded in `data.dvc`, returned WITHOUT DVC's
-`.dir` suffix (e.g. '3f2a...e1'), so it reads like any content hash in MLflow tags.
+- **production**: `data/`, tracked by `data.dvc`: what scheduled retraining reads. It changes only
+  by an explicit promotion (`promote_dataset`, `dpa data promote`, or a training run's `promote`).
+- **workspaces**: `datasets/<name>/`, tracked by `datasets/<name>.dvc`: where imports are versioned
+  (one per preset by default, or per experiment), so an experiment never touches production data.
+
+A dataset's version is the md5 of its directory recorded in its pointer, returned WITHOUT DVC's
+`.dir` suffix (e.g. '3f2a...e1'), so it reads like any content hash in MLflow tags. Promoting copies
+a workspace's version to production: same content, same version (DVC stores it once).
 
 Heavy operations (init, add, push, pull, status) run through the documented `dvc` CLI of this
 interpreter (`python -m dvc`), each in its own process with its own environment; remote settings
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,10 +38,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from data_layer.manifest import MANIFEST_NAME
 
 ENV_PREFIX = "DPA_DVC_"
+PRODUCTION = "production"
 DATA_DIR = "data"
 POINTER = "data.dvc"
-BACKUP_DIR = ".data.previous"
-"""Where the previous `data/` waits while a commit is in flight (same filesystem: a rename)."""
+WORKSPACES_DIR = "datasets"
+_WORKSPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOCK_FILE = ".dpa/locks/data.lock"
 LOCK_TIMEOUT_ENV = "DPA_DATA_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 900.0
@@ -54,6 +62,23 @@ DVC_ENV_DEFAULTS = {
 
 class VersioningError(RuntimeError):
     """A DVC step failed; the message says which, why (DVC's own words) and what to do."""
+
+
+class DatasetNotFound(VersioningError):
+    """The named dataset (production or a workspace) is not tracked, or its name is not allowed."""
+
+
+def dataset_paths(name: str = PRODUCTION) -> tuple[str, str]:
+    """(directory, DVC pointer) of a dataset, relative to the project: `data`, `data.dvc` for
+    production; `datasets/<name>`, `datasets/<name>.dvc` for a workspace."""
+    if name == PRODUCTION:
+        return DATA_DIR, POINTER
+    if not _WORKSPACE_NAME.fullmatch(name):
+        raise DatasetNotFound(
+            f"dataset workspace name {name!r}: use letters, digits, '.', '_' or '-' (up to 64, starting with a letter "
+            "or digit), e.g. the preset's name"
+        )
+    return f"{WORKSPACES_DIR}/{name}", f"{WORKSPACES_DIR}/{name}.dvc"
 
 
 class RemoteSettings(BaseSettings):
@@ -149,71 +174,95 @@ def configure_remote(
     return settings.name
 
 
-def data_version(root: str | Path) -> str:
-    """The md5 of `data/` recorded in `data.dvc` (`outs[0].md5`), without the '.dir' suffix."""
-    pointer = Path(root) / POINTER
+def data_version(root: str | Path, name: str = PRODUCTION) -> str:
+    """The md5 of dataset `name` recorded in its pointer (`outs[0].md5`), without the '.dir' suffix."""
+    pointer = Path(root) / dataset_paths(name)[1]
     try:
         md5 = yaml.safe_load(pointer.read_text(encoding="utf-8"))["outs"][0]["md5"]
     except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as exc:
-        raise VersioningError(
-            f"{pointer}: no dataset is tracked ({exc}). Import one (dpa data import ...) or "
-            "restore data.dvc from git."
-        ) from exc
+        hint = (
+            "Promote a workspace to production (`dpa data promote <workspace>`; `dpa demo` promotes its own), "
+            "or import one (`dpa data import KIND --workspace NAME --promote`)"
+            if name == PRODUCTION else f"Import into it (a training run with an importer and dataset.workspace={name})"
+        )
+        raise DatasetNotFound(f"{pointer}: no {name} dataset is tracked ({exc}). {hint}, or restore {pointer.name} from git.") from exc
     return md5.removesuffix(".dir")
 
 
-def commit_dataset(root: str | Path, staged_dir: str | Path) -> str:
-    """Make the validated `staged_dir` the active dataset: move it to `data/`, `dvc add`,
-    `dvc push`; return the new data version.
+def commit_dataset(root: str | Path, staged_dir: str | Path, name: str = PRODUCTION) -> str:
+    """Make the validated `staged_dir` the current version of dataset `name`: move it into place,
+    `dvc add`, `dvc push`; return the new version.
 
-    `staged_dir` is moved (a rename on the same filesystem). On any failure the previous `data/`
-    and `data.dvc` are put back, `staged_dir` is restored, and the error is re-raised.
+    `staged_dir` is moved (a rename on the same filesystem). On any failure the previous directory
+    and pointer are put back, `staged_dir` is restored, and the error is re-raised.
     """
     root, staged = Path(root), Path(staged_dir)
     if not (staged / MANIFEST_NAME).is_file():
         raise VersioningError(f"{staged}: no {MANIFEST_NAME}; stage a complete dataset first")
     with data_lock(root):
-        return _commit(root, staged)
+        return _commit(root, staged, name)
 
 
-def _commit(root: Path, staged: Path) -> str:
-    data, backup, pointer = root / DATA_DIR, root / BACKUP_DIR, root / POINTER
+def promote_dataset(root: str | Path, workspace: str) -> str:
+    """Make the current version of `workspace` the production dataset (`data/`), the one scheduled
+    retraining reads; return that version. The workspace is first made to match its pointer (pulled
+    if needed), so exactly the recorded version is promoted."""
+    root = Path(root)
+    if workspace == PRODUCTION:
+        raise DatasetNotFound("'production' is the dataset promotions write to: name a workspace (datasets/<name>)")
+    with data_lock(root):
+        version = _resolve(root, workspace)
+        staged = root / ".dpa" / "staging-promotion"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(root / dataset_paths(workspace)[0], staged, symlinks=True)
+        promoted = _commit(root, staged, PRODUCTION)
+    if promoted != version:
+        raise VersioningError(f"promoting {workspace} gave version {promoted}, not its recorded {version}: check {root / DATA_DIR}")
+    return promoted
+
+
+def _commit(root: Path, staged: Path, name: str) -> str:
+    directory, pointer_name = dataset_paths(name)
+    data, pointer = root / directory, root / pointer_name
+    backup = data.with_name(f".{data.name}.previous")
     previous_pointer = pointer.read_bytes() if pointer.exists() else None
     shutil.rmtree(backup, ignore_errors=True)
+    data.parent.mkdir(parents=True, exist_ok=True)
     if data.exists():
         data.rename(backup)
     try:
         shutil.move(staged, data)
-        _dvc(root, "add", DATA_DIR)
-        _dvc(root, "push", POINTER)
+        _dvc(root, "add", directory)
+        _dvc(root, "push", pointer_name)
     except VersioningError as exc:
-        _roll_back(root, staged, previous_pointer)
+        _roll_back(staged, data, backup, pointer, previous_pointer)
         raise VersioningError(
-            f"{exc}\nNothing changed: the previous data/ and data.dvc are back and {staged} is "
+            f"{exc}\nNothing changed: the previous {directory}/ and {pointer_name} are back and {staged} is "
             f"unchanged. Check {_describe_remote(root)} and its credentials, then retry."
         ) from exc
     except BaseException:
-        _roll_back(root, staged, previous_pointer)
+        _roll_back(staged, data, backup, pointer, previous_pointer)
         raise
     shutil.rmtree(backup, ignore_errors=True)
-    return data_version(root)
+    return data_version(root, name)
 
 
-def resolve_dataset(root: str | Path) -> str:
-    """Make `data/` match `data.dvc` (`dvc pull` when missing or stale) and return its version.
+def resolve_dataset(root: str | Path, name: str = PRODUCTION) -> str:
+    """Make dataset `name` match its pointer (`dvc pull` when missing or stale) and return its version.
 
-    Local edits to `data/` that were never committed are overwritten: `data.dvc` is the truth.
+    Local edits that were never committed are overwritten: the pointer is the truth.
     """
     root = Path(root)
     with data_lock(root):
-        return _resolve(root)
+        return _resolve(root, name)
 
 
-def _resolve(root: Path) -> str:
-    version = data_version(root)
-    if not _in_sync(root):
+def _resolve(root: Path, name: str) -> str:
+    version = data_version(root, name)
+    if not _in_sync(root, name):
         try:
-            _dvc(root, "pull", "--force", POINTER)
+            _dvc(root, "pull", "--force", dataset_paths(name)[1])
         except VersioningError as exc:
             raise VersioningError(
                 f"cannot get data version {version} from {_describe_remote(root)}. If the "
@@ -250,15 +299,15 @@ def data_lock(root: str | Path) -> Iterator[None]:
         lock.release()
 
 
-def _in_sync(root: Path) -> bool:
-    """`data/` exists and `dvc status` (local only: workspace vs data.dvc) reports no change."""
-    if not (root / DATA_DIR).is_dir():
+def _in_sync(root: Path, name: str) -> bool:
+    """The directory exists and `dvc status` (local only: workspace vs pointer) reports no change."""
+    directory, pointer = dataset_paths(name)
+    if not (root / directory).is_dir():
         return False
-    return _dvc(root, "status", "--json", POINTER).strip() in ("", "{}")
+    return _dvc(root, "status", "--json", pointer).strip() in ("", "{}")
 
 
-def _roll_back(root: Path, staged: Path, previous_pointer: bytes | None) -> None:
-    data, backup, pointer = root / DATA_DIR, root / BACKUP_DIR, root / POINTER
+def _roll_back(staged: Path, data: Path, backup: Path, pointer: Path, previous_pointer: bytes | None) -> None:
     if data.exists() and not staged.exists():
         shutil.move(data, staged)
     shutil.rmtree(data, ignore_errors=True)

@@ -26,6 +26,7 @@ def user_error(err: BaseException) -> str | None:
     from pydantic import ValidationError
 
     from data_layer.pixels import ImageReadError
+    from data_layer.versioning import DatasetNotFound
     from tasks.registry.mlflow_model import LegacyModelError
     from tasks.registry.registration import RegistryConflict
     from tasks.serving.journal import ScoringStateError
@@ -37,7 +38,7 @@ def user_error(err: BaseException) -> str | None:
     if isinstance(err, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
     if type(err).__name__ == "DataValidationError" or isinstance(
-        err, (FileNotFoundError, ImageReadError, LegacyModelError, NothingScored, RegistryConflict, ScoringStateError)
+        err, (DatasetNotFound, FileNotFoundError, ImageReadError, LegacyModelError, NothingScored, RegistryConflict, ScoringStateError)
     ):
         return str(err).splitlines()[0]
     return None
@@ -156,7 +157,8 @@ def demo() -> None:
     from tasks.registry.tracking import tracking_uri
     from tasks.training.summary import baseline_line
 
-    s = training_pipeline(_params("demo", None, None, None))
+    # The demo's phantoms are its production data: promoted explicitly, so scheduled retraining finds them.
+    s = training_pipeline(_params("demo", ["dataset.promote=true"], None, None))
     typer.echo(
         f"\nTest AUROC {s['auroc']:.3f} (95% CI {s['auroc_ci'][0]:.3f}–{s['auroc_ci'][1]:.3f}) on data version {s['data_version']}\n"
         f"{baseline_line(s)}\n{DEMO_WEIGHTS_NOTE if s['baseline_warning'] else ''}"
@@ -169,7 +171,7 @@ def demo() -> None:
         f"  .venv/bin/dpa data phantoms --out new_phantoms -s seed=101 -s n_train_normal=0 -s n_val_normal=0 "
         f"-s n_test_normal=60 -s n_val_abnormal=0 -s n_test_abnormal=0\n"
         f"  .venv/bin/dpa score --model models:/{s['model_name']}@champion --input new_phantoms --out scores/\n"
-        f"(The demo's own {project_dir() / 'data'} holds its labelled test anomalies: scored as new images, "
+        f"(The demo's dataset, {project_dir() / 'data'}, holds its labelled test anomalies: scored as new images, "
         "they rightly report drift.)"
     )
 
@@ -301,22 +303,47 @@ def data_import(
     kind: Annotated[str, typer.Argument(help="folder | csv | medmnist | cifar10 | svhn | nih | camelyon16")],
     out: Annotated[Path, typer.Option(help="output dataset directory")],
     overrides: OverrideOpt = None,
-    activate: Annotated[bool, typer.Option(help="validate, then make it the project's DVC-versioned data/ (dvc add + push)")] = False,
+    workspace: Annotated[Optional[str], typer.Option(
+        help="validate, then version it as the project's dataset workspace datasets/<name> (dvc add + push)")] = None,
+    promote: Annotated[bool, typer.Option(help="with --workspace: also make it the production dataset data/")] = False,
 ) -> None:
     """Import a source into the manifest format; importer options via --set (see README)."""
     from data_layer.validation import ensure_valid
-    from data_layer.versioning import commit_dataset, init_repo
+    from data_layer.versioning import commit_dataset, dataset_paths, init_repo
     from tasks.config import DataSource
     from tasks.paths import project_dir
     from tasks.training.data import import_to
 
+    if promote and not workspace:
+        raise typer.BadParameter("--promote needs --workspace: the version is kept in a workspace, then promoted")
     source = DataSource.model_validate({"importer": kind, **parse_overrides(overrides)})
     dataset = import_to(source, out)
     typer.echo(f"wrote {dataset}")
-    if activate:
+    if workspace:
         ensure_valid(dataset, report_dir=dataset.parent / f"{dataset.name}-validation")
         init_repo(project_dir())
-        typer.echo(f"data version {commit_dataset(project_dir(), dataset)} is now {project_dir() / 'data'}")
+        version = commit_dataset(project_dir(), dataset, workspace)
+        typer.echo(f"data version {version} is now workspace {workspace} ({project_dir() / dataset_paths(workspace)[0]})")
+        if promote:
+            data_promote(workspace)
+
+
+@data_app.command("promote")
+def data_promote(
+    workspace: Annotated[str, typer.Argument(help="the dataset workspace (datasets/<name>) whose current version becomes production")],
+) -> None:
+    """Make a workspace's current version the production dataset data/ that scheduled retraining reads."""
+    from data_layer.versioning import DATA_DIR, DatasetNotFound, data_version, promote_dataset
+    from tasks.paths import project_dir
+
+    project = project_dir()
+    try:
+        before = data_version(project)
+    except DatasetNotFound:
+        before = "none"
+    version = promote_dataset(project, workspace)
+    typer.echo(f"production dataset {project / DATA_DIR}: data version {before} → {version} (workspace {workspace}); "
+               "commit data.dvc to record it")
 
 
 @data_app.command("validate")

@@ -22,7 +22,7 @@ from tasks.registry.promotion import GateRule, promote_model
 from tasks.registry.registration import register_model
 from tasks.registry.tracking import configure_tracking, ensure_experiment, git_commit, log_config_params, tracking_ui_url
 from tasks.registry.version_scores import ScoredSet, scorer_on_test_split
-from tasks.training.data import DatasetRef, commit_dataset, pull_dataset, stage_dataset
+from tasks.training.data import DatasetRef, commit_dataset, promote_dataset, pull_dataset, stage_dataset
 from tasks.training.preprocessing import PreprocessedDataset, preprocess
 from tasks.training.runs import train_one, train_seeds
 from tasks.training.summary import TrainingSummary, baseline_line, publish
@@ -30,14 +30,19 @@ from tasks.training.validation import validate
 
 
 def resolve_data(cfg: RunConfig, project: Path, report_dir: Path) -> DatasetRef:
-    """Imported data pass the gate in staging before they become the versioned data/."""
+    """Imported data pass the gate in staging before they become a version of their workspace; the
+    production dataset changes only when the run asks for it (`dataset.promote`)."""
+    workspace = cfg.dataset.workspace_for(cfg.preset)
     if cfg.dataset.importer == "dvc":
-        dataset = pull_dataset(project)
+        dataset = pull_dataset(project, workspace)
         validate(dataset.path, cfg.validation, report_dir)
         return dataset
     staged = stage_dataset(cfg.dataset, project / ".dpa" / "staging")
     validate(staged, cfg.validation, report_dir)
-    return commit_dataset(project, staged)
+    dataset = commit_dataset(project, staged, workspace)
+    if cfg.dataset.promote:
+        promote_dataset(project, workspace)
+    return dataset
 
 
 def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.ActiveRun:
@@ -46,7 +51,7 @@ def start_run(cfg: RunConfig, dataset: DatasetRef, report_dir: Path) -> mlflow.A
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     resolved = cfg.model_dump(mode="json")
     log_config_params(resolved)
-    mlflow.set_tags({"data_version": dataset.version, "git_commit": git_commit(), "preset": cfg.preset})
+    mlflow.set_tags({"data_version": dataset.version, "dataset": dataset.name, "git_commit": git_commit(), "preset": cfg.preset})
     mlflow.log_dict(resolved, "config/resolved_config.json")
     log_dataset_input(dataset.path, dataset.version, project_dir())
     mlflow.log_artifacts(str(report_dir), "validation")

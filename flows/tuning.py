@@ -129,6 +129,7 @@ def tuning_pipeline(params: TuningParams) -> dict:
                "best": asdict(best)}
     if params.train_best:  # on the versioned data/ the folds came from, not a fresh import that could differ
         summary["training"] = training_pipeline(
-            PipelineParams(preset=best.preset, overrides=best.overrides, dataset=DataSource(importer="dvc"), model_name=params.model_name)
+            PipelineParams(preset=best.preset, overrides=best.overrides, dataset=DataSource(importer="dvc", workspace=dataset.name),
+                           model_name=params.model_name)
         )
     return summary

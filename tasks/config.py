@@ -13,8 +13,9 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_layer.preprocessing import PreprocessConfig
 from data_layer.expectations import ValidationRules
+from data_layer.preprocessing import PreprocessConfig
+from data_layer.versioning import PRODUCTION
 from model.config import DPAConfig
 from tasks.paths import PROJECT_ROOT
 
@@ -23,11 +24,27 @@ PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 class DataSource(BaseModel):
-    """Where the dataset comes from. `dvc` uses the versioned data/ as it is; the others import first."""
+    """Where the dataset comes from. `dvc` uses a versioned dataset as it is (production `data/` by
+    default); the others import first, into a workspace that production never sees until promoted.
+    The importer's own options are the extra fields."""
 
     model_config = ConfigDict(extra="allow")
 
     importer: Literal["dvc", "phantoms", "folder", "csv", "medmnist", "cifar10", "svhn", "nih", "camelyon16"] = "phantoms"
+    workspace: str = Field(
+        "", description="importers: the workspace the import is versioned in (datasets/<workspace>; empty: the preset's "
+        "name); dvc: the dataset to read (empty: production, data/)",
+    )
+    promote: bool = Field(
+        False, description="importers: also make the imported version the production dataset (data/) that scheduled "
+        "retraining reads",
+    )
+
+    def workspace_for(self, preset: str) -> str:
+        """Where this source's data are versioned: the production dataset or a workspace."""
+        if self.importer == "dvc":
+            return self.workspace or PRODUCTION
+        return self.workspace or preset
 
 
 def _source(importer: str, title: str, doc: str) -> type[DataSource]:
@@ -39,7 +56,8 @@ def _source(importer: str, title: str, doc: str) -> type[DataSource]:
 
 
 SOURCES = [
-    _source("dvc", "DVC-versioned data", "The project's data/ as versioned by DVC (pulled from the remote when missing)."),
+    _source("dvc", "DVC-versioned data", "A DVC-versioned dataset of the project: production data/ by default, or a "
+            "workspace (pulled from the remote when missing)."),
     _source("phantoms", "Synthetic phantoms", "Synthetic chest X-ray phantoms; options: PhantomSpec fields (n_train_normal, size, seed, ...)."),
     _source("folder", "Image folder", "normal/ and abnormal/<type>/ folders; options: source (the folder), salt, seed."),
     _source("csv", "CSV manifest", "An existing CSV; options: csv_path and its column names."),

@@ -25,8 +25,9 @@ def dpa(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["score", "--input", "/nonexistent", "--model", "models:/x/1"], "/nonexistent: no such file or directory. Give a folder"),
         (["score", "--input", ".", "--model", "models:/nope@champion"], "Registered Model with name=nope not found. Name a registered model"),
         (["train", "--preset", "nope"], "unknown preset 'nope'; known presets: "),
+        (["data", "promote", "nope"], "datasets/nope.dvc: no nope dataset is tracked"),
     ],
-    ids=["missing-input", "unknown-model", "unknown-preset"],
+    ids=["missing-input", "unknown-model", "unknown-preset", "unknown-workspace"],
 )
 def test_a_user_error_is_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
     (tmp_path / "a.png").write_bytes(b"not a png")  # an input for the unknown-model case

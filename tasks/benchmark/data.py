@@ -90,10 +90,11 @@ def passed(report_dir: Path, rules: ValidationRules) -> bool:
 
 
 def prepare_dataset(cfg: RunConfig, project: Path) -> DatasetRef:
-    """The preset's data, validated: the project's DVC data/ for `importer: dvc`, else the source
-    imported once into its own folder (one process at a time per source)."""
+    """The preset's data, validated: a DVC-versioned dataset of the project for `importer: dvc`
+    (production data/ unless a workspace is named), else the source imported once into its own
+    folder (one process at a time per source)."""
     if cfg.dataset.importer == "dvc":
-        dataset = pull_dataset(project)
+        dataset = pull_dataset(project, cfg.dataset.workspace_for(cfg.preset))
         validate(dataset.path, cfg.validation, project / ".dpa" / "benchmark" / "reports" / dataset.version)
         return dataset
     home = project / ".dpa" / "benchmark" / "data" / source_digest(cfg)

@@ -1,7 +1,8 @@
-"""Resolve the run's dataset: import it into a staging folder, or pull the DVC-versioned data/.
+"""Resolve the run's dataset: import it into a staging folder, or pull a DVC-versioned dataset.
 
-An imported dataset replaces data/ (and gets `dvc add` + `dvc push`) only after it passed the
-gate, so a bad import never overwrites the previous dataset version.
+An import becomes the new version of its workspace (`datasets/<workspace>/`, `dvc add` + `dvc push`)
+only after it passed the gate, so a bad import never overwrites the previous version; the production
+dataset (`data/`) changes only when a run asks to promote (data_layer.versioning).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from tasks.config import DataSource
 
 @dataclass(frozen=True)
 class DatasetRef:
+    """A dataset of the project at one version: `name` is `production` or a workspace."""
+
     path: Path
     version: str
+    name: str = versioning.PRODUCTION
 
 
 def import_to(source: DataSource, out_dir: Path) -> Path:
@@ -40,16 +44,24 @@ def stage_dataset(source: DataSource, staging_dir: Path) -> Path:
 
 
 @task(name="commit-dataset", retries=2, retry_delay_seconds=5)
-def commit_dataset(project: Path, staged: Path) -> DatasetRef:
-    """Make the validated staged dataset the active data/ version: `dvc add` + `dvc push`."""
+def commit_dataset(project: Path, staged: Path, workspace: str) -> DatasetRef:
+    """Make the validated staged dataset the current version of `workspace`: `dvc add` + `dvc push`."""
     versioning.init_repo(project)
-    version = versioning.commit_dataset(project, staged)
-    return DatasetRef(project / "data", version)
+    version = versioning.commit_dataset(project, staged, workspace)
+    return DatasetRef(project / versioning.dataset_paths(workspace)[0], version, workspace)
+
+
+@task(name="promote-dataset", retries=2, retry_delay_seconds=5)
+def promote_dataset(project: Path, workspace: str) -> DatasetRef:
+    """Make the workspace's current version the production dataset that scheduled retraining reads."""
+    version = versioning.promote_dataset(project, workspace)
+    print(f"data version {version} of workspace {workspace} is now the production dataset {project / versioning.DATA_DIR}")
+    return DatasetRef(project / versioning.DATA_DIR, version)
 
 
 @task(name="pull-dataset", retries=2, retry_delay_seconds=5)
-def pull_dataset(project: Path) -> DatasetRef:
-    """Use the DVC-tracked data/, pulling it from the remote when missing or stale."""
+def pull_dataset(project: Path, name: str = versioning.PRODUCTION) -> DatasetRef:
+    """Use a DVC-tracked dataset (production by default), pulling it from the remote when missing or stale."""
     versioning.init_repo(project)
-    version = versioning.resolve_dataset(project)
-    return DatasetRef(project / "data", version)
+    version = versioning.resolve_dataset(project, name)
+    return DatasetRef(project / versioning.dataset_paths(name)[0], version, name)

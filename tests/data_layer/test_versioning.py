@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from data_layer.versioning import (
+    DatasetNotFound,
     RemoteSettings,
     VersioningError,
     commit_dataset,
@@ -21,6 +22,7 @@ from data_layer.versioning import (
     data_lock,
     data_version,
     init_repo,
+    promote_dataset,
     resolve_dataset,
 )
 from tests.conftest import S3Bucket
@@ -88,6 +90,32 @@ def test_local_round_trip(repo: Path, tmp_path: Path) -> None:
     assert snapshot(repo / "data") == expected
 
 
+def test_imports_are_versioned_in_workspaces_and_only_a_promotion_changes_production(repo: Path, tmp_path: Path) -> None:
+    production = commit_dataset(repo, stage(tmp_path / "prod", seed=1))
+    pointer = (repo / "data.dvc").read_bytes()
+    experiment = commit_dataset(repo, stage(tmp_path / "exp", seed=2), "my-experiment")
+    assert (repo / "datasets" / "my-experiment.dvc").is_file() and experiment != production
+    assert (repo / "data.dvc").read_bytes() == pointer and data_version(repo) == production
+    assert snapshot(repo / "datasets" / "my-experiment") == snapshot(stage(tmp_path / "again", seed=2))
+
+    (repo / "datasets" / "my-experiment" / "images" / "0.bin").write_bytes(b"edited after the commit")
+    assert promote_dataset(repo, "my-experiment") == experiment == data_version(repo)  # the recorded version, not the edit
+    assert snapshot(repo / "data") == snapshot(repo / "datasets" / "my-experiment")
+    wipe_local_copies(repo)
+    assert resolve_dataset(repo) == experiment
+
+
+def test_bad_or_missing_dataset_names_are_refused_with_the_fix(repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFound, match=r"data.dvc: no production dataset is tracked .*dpa data promote"):
+        data_version(repo)
+    with pytest.raises(DatasetNotFound, match="no nope dataset is tracked"):
+        promote_dataset(repo, "nope")
+    for bad in ("../escape", "", "a/b", "production"):
+        with pytest.raises(DatasetNotFound):
+            promote_dataset(repo, bad)
+    assert not (repo / "data").exists()
+
+
 def test_stale_workspace_is_restored_and_new_commit_changes_version(
     repo: Path, tmp_path: Path
 ) -> None:
@@ -126,7 +154,7 @@ def test_pull_from_remote_without_the_data_names_remote_and_fix(
 
 
 def test_missing_pointer_is_a_clear_error(repo: Path) -> None:
-    with pytest.raises(VersioningError, match="no dataset is tracked"):
+    with pytest.raises(VersioningError, match="no production dataset is tracked"):
         data_version(repo)
 
 
@@ -210,7 +238,7 @@ COMMIT_SCRIPT = "import sys; from data_layer.versioning import commit_dataset; p
 
 
 def start_commit(root: Path, staged: Path, **env: str) -> subprocess.Popen:
-    """`commit_dataset` in its own process, as a second `dpa data import --activate` runs it."""
+    """`commit_dataset` in its own process, as a second `dpa data import --workspace` runs it."""
     repo_root = Path(__file__).resolve().parents[2]
     return subprocess.Popen([sys.executable, "-c", COMMIT_SCRIPT, str(root), str(staged)],
                             env={**os.environ, "PYTHONPATH": str(repo_root), **env},

@@ -82,7 +82,7 @@ def test_deploy_all_creates_the_documented_deployments(prefect_server: PrefectSe
         "batch-scoring": [("0 2 * * *", "UTC", False)],
         "tune": [],
     }
-    assert deployments["scheduled-retraining"]["parameters"] == {"params": {"preset": "demo", "dataset": {"importer": "dvc"}}}
+    assert deployments["scheduled-retraining"]["parameters"] == {"params": {"preset": "demo", "dataset": {"importer": "dvc", "workspace": "production"}}}
     for name, d in deployments.items():
         assert d["work_pool_name"] == POOL
         assert d["enforce_parameter_schema"] is True
@@ -156,7 +156,7 @@ def test_train_on_demand_runs_on_a_process_worker(
         f"name='{model_name}'"
     )
     assert len(versions) == 1
-    assert (project / "data.dvc").is_file()  # the imported dataset became the versioned data/
+    assert (project / "datasets" / "demo.dvc").is_file()  # the import became a version of the preset's workspace
 
 
 def test_batch_scoring_runs_on_a_worker_before_and_after_a_promotion(
@@ -246,7 +246,7 @@ def test_a_run_whose_worker_is_killed_is_crashed_and_the_same_parameters_resume(
     version = versions[0]
     cfg = resolve_run_config(PipelineParams.model_validate(params))
     data_version = MlflowClient().get_run(version.run_id).data.tags["data_version"]
-    data = preprocess_dataset(project / "data", cfg.preprocess, project / ".dpa" / "cache", data_version)
+    data = preprocess_dataset(project / "datasets" / "demo", cfg.preprocess, project / ".dpa" / "cache", data_version)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(ONE_THREAD["OMP_NUM_THREADS"]))
     try:

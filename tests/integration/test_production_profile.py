@@ -92,9 +92,9 @@ def test_training_on_the_production_profile(
     scorer_env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "MLFLOW_S3_", "DPA_DVC_"))}
     out = tmp_path / "scores"
     run_command([str(BIN / "dpa"), "score", "--model", f"models:/{model_name}@champion",
-                 "--input", str(project / "data"), "--out", str(out), "--no-heatmaps"], scorer_env, timeout=180)
+                 "--input", str(project / "datasets" / "demo"), "--out", str(out), "--no-heatmaps"], scorer_env, timeout=180)
     rows = read_csv(out / "scores.csv")
-    assert len(rows) == len(read_csv(project / "data" / "manifest.csv"))
+    assert len(rows) == len(read_csv(project / "datasets" / "demo" / "manifest.csv"))
     assert all(math.isfinite(float(r["anomaly_score"])) for r in rows)
 
 

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from data_layer.validation import DataValidationError
+from data_layer.versioning import data_version
 from tests.tiny import tiny_training
 
 
@@ -33,7 +34,8 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
 
     client = MlflowClient()
     run = client.get_run(first["run_id"])
-    assert run.data.tags["data_version"] == first["data_version"] == (project / "data.dvc").read_text().split("md5: ")[1][:32]
+    assert run.data.tags["data_version"] == first["data_version"] == data_version(project, "demo")  # the preset's workspace
+    assert run.data.tags["dataset"] == "demo"
     assert run.data.tags["vgg_weights"] == "random:seed=0" and run.data.tags["device"] == "cpu"
     assert run.data.tags["feature_stats"] == "train"  # auto with random weights
     assert re.fullmatch(r"r\d\d \d+/\d+(, r\d\d \d+/\d+)*", run.data.tags["dead_channels"])
@@ -68,7 +70,7 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
 def test_a_bad_dataset_stops_at_the_gate_registers_nothing_and_keeps_the_data_version(project: Path, prefect_server) -> None:
     name = f"flow-{uuid.uuid4().hex[:8]}"
     run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0}))
-    pointer = (project / "data.dvc").read_text()
+    pointer = (project / "datasets" / "demo.dvc").read_text()
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
 
     bad = tiny_training(name)
@@ -76,6 +78,22 @@ def test_a_bad_dataset_stops_at_the_gate_registers_nothing_and_keeps_the_data_ve
     with pytest.raises(DataValidationError, match="train"):
         run_flow(bad)
 
-    assert (project / "data.dvc").read_text() == pointer
+    assert (project / "datasets" / "demo.dvc").read_text() == pointer
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'")] == ["1"]
+
+
+def test_an_import_never_changes_the_production_dataset_unless_the_run_promotes_it(project: Path, prefect_server) -> None:
+    """What scheduled retraining reads (production, data/) moves only by an explicit promotion."""
+    name = f"flow-{uuid.uuid4().hex[:8]}"
+    promoted = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0, "dataset.promote": True}))
+    production = data_version(project)
+    assert promoted["data_version"] == production == data_version(project, "demo")
+    pointer = (project / "data.dvc").read_bytes()
+
+    experiment = run_flow(tiny_training(name, **{"registry.auroc_floor": 0.0, "dataset.seed": 7}))  # another draw
+    assert experiment["data_version"] == data_version(project, "demo") != production
+    assert (project / "data.dvc").read_bytes() == pointer  # the experiment went to its workspace only
+
+    retraining = run_flow({**tiny_training(name, **{"registry.auroc_floor": 0.0}), "dataset": {"importer": "dvc", "workspace": "production"}})
+    assert retraining["data_version"] == production

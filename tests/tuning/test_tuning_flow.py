@@ -205,7 +205,7 @@ def test_parent_run_holds_leaderboard_plot_best_config_and_one_child_per_trainin
 
 
 def test_search_never_decodes_a_test_image(resumed: Resumed) -> None:
-    manifest = read_manifest(resumed.project / "data")
+    manifest = read_manifest(resumed.project / "datasets" / "demo")  # the workspace the search imported into
     view = next((resumed.project / ".dpa" / "tuning").iterdir())
     assert resumed.reads, "the recorder saw no decode at all"
     assert all(path.is_relative_to(view) for path in resumed.reads)  # only the train/val view is ever opened
