@@ -28,6 +28,7 @@ def user_error(err: BaseException) -> str | None:
     from data_layer.pixels import ImageReadError
     from data_layer.versioning import DatasetNotFound
     from tasks.registry.mlflow_model import LegacyModelError
+    from tasks.registry.model_code import ModelCodeMismatch
     from tasks.registry.registration import RegistryConflict
     from tasks.serving.journal import ScoringStateError
     from tasks.serving.scoring import NothingScored
@@ -38,7 +39,8 @@ def user_error(err: BaseException) -> str | None:
     if isinstance(err, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
     if type(err).__name__ == "DataValidationError" or isinstance(
-        err, (DatasetNotFound, FileNotFoundError, ImageReadError, LegacyModelError, NothingScored, RegistryConflict, ScoringStateError)
+        err, (DatasetNotFound, FileNotFoundError, ImageReadError, LegacyModelError, ModelCodeMismatch, NothingScored,
+              RegistryConflict, ScoringStateError)
     ):
         return str(err).splitlines()[0]
     return None

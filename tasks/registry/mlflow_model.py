@@ -32,6 +32,7 @@ from PIL import Image
 from data_layer.expectations import ValidationRules
 from data_layer.preprocessing import PreprocessConfig
 from model.dpa import DPA, save_dpa
+from tasks.registry.model_code import check_model_code, sys_path_kept
 from tasks.registry.pyfunc_model import (
     HEATMAP,
     HEATMAP_SATURATION,
@@ -163,11 +164,19 @@ def _legacy_message(model_uri: str) -> str:
 
 
 def load_scorer(model_uri: str) -> PyFuncModel:
-    """Any DPA logged from code (`runs:/…`, `models:/name/3`, `models:/name@alias`) as a pyfunc model."""
+    """Any DPA logged from code (`runs:/…`, `models:/name/3`, `models:/name@alias`) as a pyfunc model,
+    in this process: with this checkout's code, checked against the version's (`tasks.registry.model_code`)."""
     local, flavor = _download(model_uri)
     if _is_legacy(flavor):
         raise LegacyModelError(_legacy_message(model_uri))
-    return mlflow.pyfunc.load_model(str(local))
+    return _load_pyfunc(model_uri, local, flavor)
+
+
+def _load_pyfunc(model_uri: str, local: Path, flavor: dict) -> PyFuncModel:
+    with sys_path_kept():
+        model = mlflow.pyfunc.load_model(str(local))
+    check_model_code(model_uri, local / flavor["code"] if flavor.get("code") else None)
+    return model
 
 
 def load_champion(model_name: str) -> PyFuncModel:
@@ -180,7 +189,7 @@ def load_dpa_scorer(model_uri: str, threshold: float | None = None, specificity:
     serving params). Versions logged before models from code are read from their artifacts."""
     local, flavor = _download(model_uri)
     if not _is_legacy(flavor):
-        scorer = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
+        scorer = _load_pyfunc(model_uri, local, flavor).unwrap_python_model()
         if not isinstance(scorer, DPAPyfuncModel):
             raise TypeError(f"{model_uri} is a {type(scorer).__name__}, not a model logged by log_dpa_model")
     else:

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import sys
+import uuid
 import pickle
 from pathlib import Path
+from urllib.parse import urlparse
 
 import cloudpickle
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -33,7 +38,8 @@ from tasks.registry.mlflow_model import (
 )
 from tasks.registry.pyfunc_model import INTERNAL_FAILURE, SERVING_CONFIG, WEIGHTS, ServingConfig
 from tasks.serving.request import PATH_ROOT_ENV, PATHS_DISABLED
-from tests.pipeline.conftest import INPUT_RULES, PREPROCESS, ImageSet, RegisteredDPA
+from tasks.registry.model_code import MODE_ENV, ModelCodeMismatch
+from tests.pipeline.conftest import INPUT_RULES, PREPROCESS, ImageSet, RegisteredDPA, register
 
 
 def b64(path) -> str:
@@ -197,3 +203,32 @@ def test_logging_needs_an_active_run(tiny_dpa, mlflow_store: str) -> None:
     with pytest.raises(RuntimeError, match="active MLflow run"):
         log_dpa_model(tiny_dpa, PREPROCESS, 1.0, "never-registered", "rule", normal_scores=[1.0],
                       normal_source="x", quantile=0.95, input_rules=INPUT_RULES)
+
+
+def test_an_in_process_load_names_code_that_differs_from_the_versions_and_can_refuse(
+    tiny_dpa, mlflow_store: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh version matches this checkout: no warning. Then its stored copy of model/scoring.py is
+    edited, as if the checkout had moved on since it was logged: the load names that file, and
+    DPA_MODEL_CODE=refuse refuses it. sys.path does not grow with loads."""
+    name = f"dpa-code-{uuid.uuid4().hex[:8]}"
+    uri = f"models:/{name}/{register(tiny_dpa, name)}"
+    path_before = list(sys.path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.registry.model_code"):
+        load_dpa_scorer(uri)
+        load_scorer(uri)
+    assert not [r for r in caplog.records if r.name == "tasks.registry.model_code"] and sys.path == path_before
+
+    version = MlflowClient().get_model_version(name, uri.rsplit("/", 1)[1])
+    logged = MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
+    scoring = next(Path(urlparse(logged.artifact_location).path).rglob("code/model/scoring.py"))  # the store's copy
+    scoring.write_text(scoring.read_text() + "\n# changed after the version was logged\n")
+    with caplog.at_level(logging.WARNING, logger="tasks.registry.model_code"):
+        scorer = load_dpa_scorer(uri)
+    assert scorer.threshold == 1.0  # loaded, with a warning naming the file
+    assert [r.getMessage() for r in caplog.records if "model/scoring.py differ" in r.getMessage()], caplog.text
+    monkeypatch.setenv(MODE_ENV, "refuse")
+    with pytest.raises(ModelCodeMismatch, match=r"model/scoring.py differ.*git_commit"):
+        load_dpa_scorer(uri)
+    assert sys.path == path_before
