@@ -12,8 +12,11 @@ A batch is what a scoring run scored that no earlier monitoring of the same outp
 `monitored.csv` beside scores.csv lists the input digests already monitored, so an inbox that
 grows day by day is tested on each day's new images, and re-running a finished batch adds nothing.
 The same images monitored again for the same version (the ledger lost, another folder) find the
-existing run by its input digest: no second run, no second event. Scores carry no patient ids, so
-the tests treat images as independent: several images of one patient make drift look stronger.
+existing run by its input digest: no second run, no second event. Where scores.csv has a patient
+`group` column (a scored dataset's manifest), the tests take one image per group
+(`tasks.monitoring.drift.one_per_group`); inputs without one (image folders, DICOM directories, whose
+PatientID is not copied out) are tested as independent images, and the note says so: several
+images of one patient then make drift look stronger.
 
 Outside a flow run the event is sent only when a Prefect server is configured (PREFECT_API_URL):
 without one there is nobody to tell, and starting a temporary server for one event would only
@@ -41,7 +44,8 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel
 
-from tasks.monitoring.drift import DriftLevels, DriftReport, drift_report
+from data_layer.manifest import GROUP
+from tasks.monitoring.drift import DriftLevels, DriftReport, drift_report, one_per_group
 from tasks.registry.mlflow_model import SCORE, LegacyModelError, ReferenceScores, load_reference_scores
 from tasks.registry.model_uri import registered_name
 from tasks.registry.tracking import ensure_experiment
@@ -74,6 +78,14 @@ class Batch(BaseModel):
     input_digest: str
     digests: list[str] = []
     """The per-file digests of the batch's rows (those scored and those that failed)."""
+    n_images: int = 0
+    """Scored images; `scores` holds one per patient group when the batch carries groups."""
+    grouped: bool = False
+
+    def sampling_note(self) -> str:
+        if self.grouped:
+            return f"tested one image per patient group ({len(self.scores)} groups of {self.n_images} images)"
+        return "the inputs carry no patient group: images tested as independent (a patient's several images overstate drift)"
 
 
 class Monitoring(BaseModel):
@@ -98,11 +110,13 @@ def read_batch(scores_csv: str | Path, monitored: frozenset[str] = frozenset()) 
     version = frame[MODEL_VERSION].iloc[0]
     frame = frame[~frame[INPUT_DIGEST].isin(monitored)] if INPUT_DIGEST in frame else frame
     scored = frame[frame[ERROR] == ""]
+    scores = scored[SCORE].astype(float).to_numpy()
+    grouped = GROUP in scored and bool(len(scored)) and (scored[GROUP] != "").all()
     digests = sorted(d for d in frame.get(INPUT_DIGEST, []) if d)
     return Batch(
-        scores_csv=str(Path(scores_csv).resolve()), scores=scored[SCORE].astype(float).tolist(), model_uri=uris[0], model_name=name,
-        model_version=version, input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
-        digests=digests,
+        scores_csv=str(Path(scores_csv).resolve()), scores=(one_per_group(scores, scored[GROUP]) if grouped else scores).tolist(),
+        model_uri=uris[0], model_name=name, model_version=version,
+        input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(), digests=digests, n_images=len(scores), grouped=grouped,
     )
 
 
@@ -140,7 +154,7 @@ def monitor_batch(
     event_id = emit_drift_event(batch, report, run_id) if report.drifted else None
     if event_id:
         MlflowClient().set_tag(run_id, "prefect_event_id", event_id)
-    note = report.summary()
+    note = f"{report.summary()}; {batch.sampling_note()}"
     if reference.source != VAL_NORMALS:
         note += f"; CAUTION: the reference is {reference.source}, which the model has seen: new normals score higher, so drift is over-reported"
         log.warning(note)
@@ -185,7 +199,7 @@ def log_monitoring_run(batch: Batch, report: DriftReport, reference: ReferenceSc
     tags = {
         "model_name": batch.model_name, "model_version": batch.model_version, "model_uri": batch.model_uri,
         "input_digest": batch.input_digest, "scores_csv": batch.scores_csv, "drift_verdict": report.verdict,
-        "drifted": str(report.drifted),
+        "drifted": str(report.drifted), "sampling": batch.sampling_note(),
         **({"prefect_flow_run_id": flow_run.get_id()} if flow_run.get_id() else {}),
     }
     run = client.create_run(experiment, run_name=f"v{batch.model_version} {report.verdict} ({report.n} images)", tags=tags)

@@ -8,8 +8,8 @@ blank) is refused here too. A file that cannot be read, is refused or cannot be 
 warning, and the summary counts it; the other files are still scored.
 
 scores.csv columns: `path` (relative to the input; the manifest path for a dataset),
-`anomaly_score`, `is_anomaly`, `threshold` (the one `is_anomaly` applies), `label` (only for a
-manifest), `heatmap` (the PNG under
+`anomaly_score`, `is_anomaly`, `threshold` (the one `is_anomaly` applies), `label` and `group` (the
+patient, which drift monitoring samples by; only for a manifest), `heatmap` (the PNG under
 `heatmaps/`, see `tasks.registry.mlflow_model` for its grey scale), `error`, and the lineage of each row:
 `model_uri` (the pinned version, `models:/<name>/<version>`), `model_version` and `input_digest`
 (sha256 of the file's bytes). One row per input file, in input order.
@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from data_layer.admission import ImageRefused
 from data_layer.images import SUPPORTED_SUFFIXES, is_image_file, read_image
-from data_layer.manifest import LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
+from data_layer.manifest import GROUP, LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
 from data_layer.pixels import ImageReadError
 from tasks.registry.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
 from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal
@@ -75,7 +75,8 @@ def list_inputs(input: str | Path) -> pd.DataFrame:
     if (root / MANIFEST_NAME).is_file():
         manifest = read_manifest(root)
         files = [resolve_path(root, p) for p in manifest[PATH]]
-        inputs = pd.DataFrame({FILE: files, PATH: manifest[PATH].tolist(), LABEL: manifest[LABEL].tolist()})
+        inputs = pd.DataFrame({FILE: files, PATH: manifest[PATH].tolist(), LABEL: manifest[LABEL].tolist(),
+                               GROUP: manifest[GROUP].tolist()})
     elif root.is_file():
         inputs = pd.DataFrame({FILE: [root], PATH: [root.name]})
     elif root.is_dir():
@@ -147,7 +148,7 @@ def score_inputs(
     scorer = load_dpa_scorer(model.uri, threshold, specificity)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
+    columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL, GROUP] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
                ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
     with output_lock(out_dir), stop_on_signal():
         journal = ScoreJournal(out_dir, columns, model, repr(scorer.threshold))

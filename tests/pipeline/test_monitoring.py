@@ -45,6 +45,7 @@ def test_dpa_score_logs_a_monitoring_run_per_batch(champion: RegisteredDPA, imag
     (at alpha 0.1: 8 images against 32 reference normals is little evidence)."""
     output = score(champion.champion_uri, image_set, tmp_path / "a", "--drift-min-batch", "8", "--drift-alpha", "0.1")
     assert "score drift: drifted" in output, output
+    assert "tested one image per patient group (8 groups of 8 images)" in output  # the manifest's groups
     (run,) = monitoring_runs(champion.name, tmp_path / "a")
     scores = pd.read_csv(tmp_path / "a" / "scores.csv", dtype=str)
     assert run.data.tags["model_version"] == champion.version
