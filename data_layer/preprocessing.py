@@ -171,10 +171,18 @@ def _decode(path: Path, cfg: PreprocessConfig) -> np.ndarray:
         raise ValueError(f"{path}: cannot preprocess ({exc}); check the preprocessing config") from exc
 
 
+def model_view_box(width: int, height: int, crop: int | float | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the part of a width×height image the model sees: the centre
+    crop, or the whole image (squashed to a square) without one. Heat maps are laid back over it."""
+    if crop is None:
+        return 0, 0, width, height
+    side = round(crop * min(width, height)) if isinstance(crop, float) else crop
+    if side > min(width, height):
+        raise ValueError(f"center_crop {side} is larger than the {width}x{height} image")
+    left = int(round((width - side) / 2.0))
+    top = int(round((height - side) / 2.0))
+    return left, top, left + side, top + side
+
+
 def _center_crop(image: Image.Image, crop: int | float) -> Image.Image:
-    side = round(crop * min(image.size)) if isinstance(crop, float) else crop
-    if side > min(image.size):
-        raise ValueError(f"center_crop {side} is larger than the {image.width}x{image.height} image")
-    left = int(round((image.width - side) / 2.0))
-    top = int(round((image.height - side) / 2.0))
-    return image.crop((left, top, left + side, top + side))
+    return image.crop(model_view_box(image.width, image.height, crop))

@@ -251,6 +251,8 @@ def score(
     monitor: Annotated[bool, typer.Option(help="check the batch for score drift: MLflow <model>-monitoring run; with PREFECT_API_URL, the dpa.scores.drifted event")] = True,
     drift_alpha: Annotated[Optional[float], typer.Option(help="false-alarm rate of the drift check (default 0.01)")] = None,
     drift_min_batch: Annotated[Optional[int], typer.Option(help="fewer scored images: no drift verdict (default 30)")] = None,
+    dicom_out: Annotated[Optional[Path], typer.Option(
+        help="also write a DICOM Structured Report and a heat-map Secondary Capture per DICOM input here")] = None,
 ) -> None:
     """Score images with a registered model (by default the champion). Crash-safe: rerun the same
     command after a crash or a stop to score only what is missing."""
@@ -270,7 +272,8 @@ def score(
     configure_tracking()
     model = model or champion_uri(model_name_of(preset))
     with exit_code_on_signal():
-        csv = score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold=threshold, specificity=specificity)
+        csv = score_inputs(model, str(input), str(out), heatmaps, chunk_size, threshold=threshold, specificity=specificity,
+                           dicom_out=str(dicom_out) if dicom_out else None)
     typer.echo(f"wrote {csv}")
     if monitor:
         typer.echo(monitor_batch(csv, levels, threshold, specificity).note)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # What `make test` needs beyond pip, so that a fresh machine and CI take the same path:
-#   - Debian's Chromium (the browser tests drive it through Playwright; no browser download),
-#     installed with apt-get when running as root, else the command to run is named;
+#   - Debian's Chromium (the browser tests drive it through Playwright; no browser download) and
+#     dicom3tools (`dciodvfy` validates the DICOM objects scoring writes), installed with apt-get
+#     when running as root, else the command to run is named;
 #   - the local PostgreSQL (127.0.0.1:5432, trust auth) running: started when it is down.
 set -euo pipefail
 
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v dciodvfy >/dev/null || missing+=(dicom3tools)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "make test needs Debian's ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}', then make test again" >&2

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from data_layer.manifest import LABEL, SPLIT, read_manifest
 from tasks.registry.model_uri import registered_name, registered_version
+from tasks.serving.dicom_results import model_uri_of_report
 
 DATASET_NAME = "data"
 DATASET_CONTEXT = "training"
@@ -54,8 +55,8 @@ def log_dataset_input(dataset_dir: str | Path, data_version: str, project: str |
 
 
 def lineage(target: str, client: MlflowClient | None = None) -> list[str]:
-    """The chain behind `target` (a scores.csv, `models:/name@alias`, `models:/name/version` or a
-    run id), one line per link: scores → model version → run → git commit → data version →
+    """The chain behind `target` (a scores.csv, a DPA DICOM report, `models:/name@alias`,
+    `models:/name/version` or a run id), one line per link: scores → model version → run → git commit → data version →
     manifest counts → import source. A missing link is said as such, never skipped."""
     client = client or MlflowClient()
     lines: list[str] = []
@@ -63,6 +64,12 @@ def lineage(target: str, client: MlflowClient | None = None) -> list[str]:
         target = _model_of_scores(Path(target), lines)
         if target is None:
             return lines
+    elif target.endswith(".dcm"):
+        uri = model_uri_of_report(Path(target))
+        lines.append(f"DICOM report: {target}")
+        if uri is None:
+            return [*lines, "MISSING: the file names no model (not a DPA anomaly report)"]
+        target = uri
     if target.startswith("models:/"):
         version = registered_version(target, client)
         lines.append(f"model version: {version.name} v{version.version} (aliases {', '.join(version.aliases) or 'none'})")

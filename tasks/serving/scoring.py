@@ -21,6 +21,7 @@ import base64
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +35,10 @@ from data_layer.admission import ImageRefused
 from data_layer.images import SUPPORTED_SUFFIXES, is_image_file, read_image
 from data_layer.manifest import GROUP, LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
 from data_layer.pixels import ImageReadError
-from tasks.registry.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, load_dpa_scorer
+from tasks.registry.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, decode_heatmap, load_dpa_scorer
+from tasks.registry.model_uri import registered_name
 from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal
+from tasks.serving.dicom_results import DICOM_HEATMAP, DICOM_SR, NOT_DICOM, DicomOutput
 from tasks.serving.journal import (
     INPUT_DIGEST,
     KEY,
@@ -130,10 +133,13 @@ def _score_chunk(scorer: DPAPyfuncModel, files: list[Path], heatmaps: bool) -> p
 def score_inputs(
     model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK,
     threshold: float | None = None, specificity: float | None = None, skip: frozenset[str] = frozenset(),
+    dicom_out: str | None = None,
 ) -> Path | None:
     """Score every image under `input` with `model_uri`; write `out/scores.csv` (+ `out/heatmaps/`).
     `threshold` or `specificity` set the operating point as the serving params do. Files whose
     `row_keys` are in `skip` (scored in an earlier run folder) are left out; None when that leaves none.
+    With `dicom_out`, each DICOM input also gets a Structured Report and a heat-map Secondary Capture
+    there (`tasks.serving.dicom_results`; columns `dicom_sr`, `dicom_heatmap`).
 
     Crash-safe and resumable (see `tasks.serving.journal`): rows reach the journal chunk by chunk, a
     rerun skips what is there, and scores.csv is written (atomically) once every file is scored.
@@ -148,8 +154,9 @@ def score_inputs(
     scorer = load_dpa_scorer(model.uri, threshold, specificity)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    dicom = _dicom_output(dicom_out, model, scorer, threshold, specificity)
     columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL, GROUP] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
-               ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
+               *([DICOM_SR, DICOM_HEATMAP] if dicom else []), ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
     with output_lock(out_dir), stop_on_signal():
         journal = ScoreJournal(out_dir, columns, model, repr(scorer.threshold))
         done = journal.read()
@@ -157,7 +164,7 @@ def score_inputs(
         todo = inputs[~row_keys(inputs).isin(set(row_keys(done)))].reset_index(drop=True)
         if len(todo) < len(inputs):
             print(f"resuming {out_dir}: {len(inputs) - len(todo)} of {len(inputs)} files already scored by version {model.version}")
-        fresh = _score_todo(model, scorer, todo, out_dir, heatmaps, journal, chunk_size)
+        fresh = _score_todo(model, scorer, todo, _Outputs(out_dir, heatmaps, dicom), journal, chunk_size)
         results = _in_input_order(inputs, pd.concat([done, fresh.astype(str)], ignore_index=True), columns)
         csv = out_dir / SCORES_CSV
         _write_atomically(results, csv)
@@ -174,17 +181,45 @@ def score_inputs(
 
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """What a scoring run writes besides scores.csv: heat-map PNGs, DICOM results."""
+
+    out_dir: Path
+    heatmaps: bool
+    dicom: DicomOutput | None
+
+    @property
+    def needs_maps(self) -> bool:
+        return self.heatmaps or self.dicom is not None
+
+
+def _dicom_output(
+    dicom_out: str | None, model: ModelRef, scorer: DPAPyfuncModel, threshold: float | None, specificity: float | None
+) -> DicomOutput | None:
+    """The specificity a report states: the one asked for, else the registered threshold's quantile of
+    the reference normals; none for a threshold given as a score."""
+    if dicom_out is None:
+        return None
+    if specificity is None and threshold is None and scorer.reference is not None:
+        specificity = scorer.reference.quantile
+    return DicomOutput(Path(dicom_out), registered_name(model.uri) or "dpa", model.version, model.uri, scorer.threshold,
+                       specificity, scorer.config.preprocess)
+
+
 def _score_todo(
-    model: ModelRef, scorer: DPAPyfuncModel, todo: pd.DataFrame, out_dir: Path, heatmaps: bool, journal: ScoreJournal, chunk_size: int
+    model: ModelRef, scorer: DPAPyfuncModel, todo: pd.DataFrame, outputs: _Outputs, journal: ScoreJournal, chunk_size: int
 ) -> pd.DataFrame:
     """Score the files not yet in the journal, appending each chunk durably before the next;
     unreadable files (no digest) are not journaled: they are cheap to report again."""
     if todo.empty:
         return pd.DataFrame(columns=journal.columns)
     frames = []
-    for frame in iter_scores(scorer, list(todo[FILE]), heatmaps, chunk_size):
-        if heatmaps:
-            frame[HEATMAP] = [_write_heatmap(out_dir, todo.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
+    for frame in iter_scores(scorer, list(todo[FILE]), outputs.needs_maps, chunk_size):
+        if outputs.dicom is not None:
+            frame[DICOM_SR], frame[DICOM_HEATMAP] = _write_dicom(outputs.dicom, todo, frame)
+        if outputs.heatmaps:
+            frame[HEATMAP] = [_write_heatmap(outputs.out_dir, todo.at[i, PATH], cell) for i, cell in frame[HEATMAP].items()]
         rows = pd.concat([todo.loc[frame.index].drop(columns=FILE), frame], axis=1)
         rows[THRESHOLD], rows[MODEL_URI], rows[MODEL_VERSION] = journal.threshold, model.uri, model.version
         rows[SCORE] = rows[SCORE].map(lambda v: "" if pd.isna(v) else repr(float(v)))
@@ -193,6 +228,15 @@ def _score_todo(
         frames.append(rows)
         raise_if_stopping()
     return pd.concat(frames, ignore_index=True)[journal.columns]
+
+
+def _write_dicom(dicom: DicomOutput, todo: pd.DataFrame, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    written = [
+        dicom.write(todo.at[i, FILE], todo.at[i, PATH], float(frame.at[i, SCORE]), bool(frame.at[i, IS_ANOMALY]),
+                    decode_heatmap(frame.at[i, HEATMAP])) if frame.at[i, ERROR] == "" else ("", "")
+        for i in frame.index
+    ]
+    return [sr for sr, _ in written], [capture for _, capture in written]
 
 
 def _in_input_order(inputs: pd.DataFrame, rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -239,7 +283,7 @@ def _write_heatmap(out_dir: Path, path: str, cell: object) -> str:
 
 def summarize(scores_csv: Path) -> list[dict[str, str]]:
     """Metric/value rows of a scores.csv: counts, score range, and AUROC when labels allow it."""
-    results = pd.read_csv(scores_csv, keep_default_na=False, dtype={ERROR: str, LABEL: str})
+    results = pd.read_csv(scores_csv, keep_default_na=False, dtype={ERROR: str, LABEL: str, DICOM_SR: str})
     scored = results[results[ERROR] == ""]
     scores = scored[SCORE].astype(float)
     rows = {
@@ -250,6 +294,9 @@ def summarize(scores_csv: Path) -> list[dict[str, str]]:
     }
     if len(scores):
         rows["score median [min, max]"] = f"{scores.median():.4g} [{scores.min():.4g}, {scores.max():.4g}]"
+    if DICOM_SR in results:
+        rows["DICOM reports + heat-map images written"] = int(results[DICOM_SR].str.endswith(".dcm").sum())
+        rows["not DICOM (no DICOM written)"] = int((results[DICOM_SR] == NOT_DICOM).sum())
     if LABEL in scored and scored[LABEL].nunique() == 2:
         rows["AUROC (manifest labels)"] = f"{roc_auc_score(binary_labels(scored[LABEL]), scores):.4f}"
     return [{"metric": key, "value": str(value)} for key, value in rows.items()]
@@ -259,8 +306,10 @@ def summarize(scores_csv: Path) -> list[dict[str, str]]:
 def score_inputs_task(
     model_uri: str, input: str, out: str, heatmaps: bool = True, chunk_size: int = CHUNK,
     threshold: float | None = None, specificity: float | None = None, skip: frozenset[str] = frozenset(),
+    dicom_out: str | None = None,
 ) -> Path | None:
-    return score_inputs(model_uri, input, out, heatmaps, chunk_size, threshold=threshold, specificity=specificity, skip=skip)
+    return score_inputs(model_uri, input, out, heatmaps, chunk_size, threshold=threshold, specificity=specificity, skip=skip,
+                        dicom_out=dicom_out)
 
 
 @task(name="publish-scoring-summary", cache_policy=NO_CACHE)

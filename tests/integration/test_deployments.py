@@ -34,10 +34,12 @@ from tasks.config import PipelineParams, resolve_run_config
 from tasks.monitoring.monitor import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
 from tasks.registry.mlflow_model import CHAMPION, load_dpa_scorer
 from tasks.registry.tracking import configure_tracking, ensure_experiment
+from tasks.serving.dicom_results import model_uri_of_report
 from tests.integration.conftest import BIN, REPO, PrefectServer, run_command
 from tests.integration.drift_client import MODEL_NAME
 from tests.model_core.conftest import blob_images, tiny_config
 from tests.pipeline.conftest import RES, register
+from tests.pipeline.test_dicom_results import radiograph
 from tests.tiny import tiny_training
 
 pytestmark = pytest.mark.integration
@@ -163,7 +165,8 @@ def test_batch_scoring_runs_on_a_worker_before_and_after_a_promotion(
     prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
 ) -> None:
     """The same run parameters (no edit of the deployment) on the day a new champion arrives: each
-    version writes its own folder, where a fixed output folder used to refuse the new version."""
+    version writes its own folder, where a fixed output folder used to refuse the new version; the
+    DICOM input of the inbox gets its Structured Report and heat-map image (`dicom_out`)."""
     name = f"dpa-scoring-{uuid.uuid4().hex[:8]}"
     configure_tracking()
     mlflow.set_experiment(experiment_id=ensure_experiment("batch-scoring-test"))
@@ -171,10 +174,13 @@ def test_batch_scoring_runs_on_a_worker_before_and_after_a_promotion(
                                    progress=False), name) for seed in (0, 1)]
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    for i, image in enumerate(blob_images(6, 2 * RES, seed=5)):
-        Image.fromarray(image[0].numpy()).save(inbox / f"img{i}.png")
+    images = [image[0].numpy() for image in blob_images(7, 2 * RES, seed=5)]
+    for i, image in enumerate(images[:6]):
+        Image.fromarray(image).save(inbox / f"img{i}.png")
+    radiograph(inbox / "IM0001", images[6], "MONOCHROME2", "window", PatientID="PAT-1")
     deployment = deployments["batch-scoring"]
-    params = {"model_uri": f"models:/{name}@{CHAMPION}", "input": str(inbox), "out": str(tmp_path / "scores"), "monitor": False}
+    params = {"model_uri": f"models:/{name}@{CHAMPION}", "input": str(inbox), "out": str(tmp_path / "scores"), "monitor": False,
+              "dicom_out": str(tmp_path / "dicom")}
     for version in versions:
         MlflowClient().set_registered_model_alias(name, CHAMPION, version)
         run_id = prefect_server.api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": params})["id"]
@@ -182,9 +188,10 @@ def test_batch_scoring_runs_on_a_worker_before_and_after_a_promotion(
         worker = start_worker(prefect_server, project, os.environ["MLFLOW_TRACKING_URI"], log, queue=deployment["work_queue_name"])
         run_worker_to_the_end(worker)
         assert state_of(prefect_server, run_id)["type"] == "COMPLETED", log.read_text(errors="replace")[-6000:]
-        folder = tmp_path / "scores" / f"{datetime.now(UTC).date().isoformat()}_{name}-v{version}"
-        scores = pd.read_csv(folder / "scores.csv", dtype=str, keep_default_na=False)
-        assert len(scores) == 6 and set(scores["model_version"]) == {version} and (scores["error"] == "").all()
+        run_folder = f"{datetime.now(UTC).date().isoformat()}_{name}-v{version}"
+        scores = pd.read_csv(tmp_path / "scores" / run_folder / "scores.csv", dtype=str, keep_default_na=False)
+        assert len(scores) == 7 and set(scores["model_version"]) == {version} and (scores["error"] == "").all()
+        assert model_uri_of_report(tmp_path / "dicom" / run_folder / "IM0001.sr.dcm") == f"models:/{name}/{version}"
 
 
 def wait_for(what: str, probe: Callable[[], T], timeout: float = 90, alive: subprocess.Popen | None = None) -> T:
