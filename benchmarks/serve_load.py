@@ -115,9 +115,9 @@ def log_untrained(preset: str, tracking_uri: str, tmp: Path) -> str:
     import torch
     from common import preset_serving_config
 
+    from data_layer.expectations import ValidationRules
     from model.dpa import DPA
     from model.scoring import score_images
-    from data_layer.expectations import ValidationRules
     from tasks.registry.mlflow_model import log_dpa_model
 
     dpa_cfg, preprocess = preset_serving_config(preset)

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import S3Bucket
 from tests.integration.conftest import BIN, POSTGRES, PrefectServer, postgres_database, postgres_url, run_command
-from tests.tiny import tiny_training
 from tests.servers import Server, running_server
+from tests.tiny import tiny_training
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.dpa import DPA, load_dpa, save_dpa
+from model.dpa import load_dpa, save_dpa
 from model.perceptual import RelativePerceptualLoss, load_vgg_features
 from model.scoring import score_images
 from model.trainer import Trainer

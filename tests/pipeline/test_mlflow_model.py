@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import pickle
 import sys
 import uuid
-import pickle
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,9 +36,9 @@ from tasks.registry.mlflow_model import (
     load_scorer,
     log_dpa_model,
 )
+from tasks.registry.model_code import MODE_ENV, ModelCodeMismatch
 from tasks.registry.pyfunc_model import INTERNAL_FAILURE, SERVING_CONFIG, WEIGHTS, ServingConfig
 from tasks.serving.request import PATH_ROOT_ENV, PATHS_DISABLED
-from tasks.registry.model_code import MODE_ENV, ModelCodeMismatch
 from tests.pipeline.conftest import INPUT_RULES, PREPROCESS, ImageSet, RegisteredDPA, register
 
 

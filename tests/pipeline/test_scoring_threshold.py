@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app

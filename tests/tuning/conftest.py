@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 TINY_SEARCH: dict[str, Any] = {
     "ladder": [{"latent_dim": 4, "width": 4, "lr": 1.0e-2}, {"latent_dim": 8, "width": 8, "lr": 5.0e-3}],
     "vgg_layers": [["r12"]],
