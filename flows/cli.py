@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +30,7 @@ def user_error(err: BaseException) -> str | None:
     from data_layer.versioning import DatasetNotFound
     from tasks.registry.mlflow_model import LegacyModelError
     from tasks.registry.model_code import ModelCodeMismatch
+    from tasks.registry.onnx_export import ExportInputError, ExportParityError
     from tasks.registry.registration import RegistryConflict
     from tasks.serving.journal import ScoringStateError
     from tasks.serving.scoring import NothingScored
@@ -39,8 +41,8 @@ def user_error(err: BaseException) -> str | None:
     if isinstance(err, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
     if type(err).__name__ == "DataValidationError" or isinstance(
-        err, (DatasetNotFound, FileNotFoundError, ImageReadError, LegacyModelError, ModelCodeMismatch, NothingScored,
-              RegistryConflict, ScoringStateError)
+        err, (DatasetNotFound, ExportInputError, ExportParityError, FileNotFoundError, ImageReadError, LegacyModelError,
+              ModelCodeMismatch, NothingScored, RegistryConflict, ScoringStateError)
     ):
         return str(err).splitlines()[0]
     return None
@@ -277,6 +279,30 @@ def score(
     typer.echo(f"wrote {csv}")
     if monitor:
         typer.echo(monitor_batch(csv, levels, threshold, specificity).note)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="the version to export: models:/NAME@ALIAS or models:/NAME/VERSION")],
+    out: Annotated[Path, typer.Option(help="output directory for model.onnx and its sidecar model.json")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="export format")] = ExportFormat.onnx,
+    heatmaps: Annotated[bool, typer.Option(help="also output the anomaly maps (anomaly_map, N x S x S)")] = False,
+    images: Annotated[Optional[Path], typer.Option(
+        help="images to check the export on (default: the test split of the data version the model was trained on)")] = None,
+) -> None:
+    """Export a registered version as an ONNX scoring graph, kept only if ONNX Runtime scores its test
+    images as PyTorch does (within 1e-4 relative); logged to the version's run."""
+    from tasks.registry.onnx_export import export_version
+    from tasks.registry.tracking import configure_tracking
+
+    configure_tracking()
+    result = export_version(model, out, heatmaps, images)
+    typer.echo(f"wrote {result.onnx_file} and {result.sidecar} ({format.value}); ONNX Runtime vs PyTorch on {result.images} "
+               f"images: max relative score difference {result.max_relative_difference:.2g}")
 
 
 @app.command()

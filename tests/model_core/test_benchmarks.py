@@ -33,3 +33,13 @@ def test_train_throughput_prints_one_row_per_variant() -> None:
     for row in rows:
         fields = dict(kv.split("=", 1) for kv in row.split())
         assert float(fields["images_per_s"]) > 0 and float(fields["ms_per_step"]) > 0 and float(fields["tflops"]) > 0
+
+
+def test_onnx_throughput_prints_both_paths_and_their_agreement() -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "onnx_throughput.py"), "--images", "8", "--batch", "4", "--repeats", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert out.returncode == 0, out.stderr
+    rates = re.findall(r"\| (pyfunc \(PyTorch fp32\)|ONNX Runtime CPU) \| ([\d,.]+) \|", out.stdout)
+    assert [name for name, _ in rates] == ["pyfunc (PyTorch fp32)", "ONNX Runtime CPU"]
+    assert all(float(rate.replace(",", "")) > 0 for _, rate in rates)
+    assert float(re.search(r"max relative score difference (\S+)", out.stdout).group(1)) <= 1e-4
