@@ -40,7 +40,8 @@ MODEL_URI_PARAMETER = "model_uri="
 SR_SERIES, SC_SERIES = 9901, 9902
 MANUFACTURER = "dpa-pipeline"
 OVERLAY_OPACITY = 0.6
-"""Opacity of the heat map where it is at twice the threshold or more (it fades to 0 at no anomaly)."""
+"""Opacity of the red where the local anomaly level is twice the threshold or more; it fades to none
+at the threshold, so only what is above the operating point shows."""
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,11 @@ def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray) -> hd.sc.SCImag
 
 
 def overlay(display: Image.Image, heat: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
-    """The displayed image in RGB with the heat map in red over the model's view of it: opacity grows
-    with the local anomaly level, to `OVERLAY_OPACITY` at twice the threshold."""
+    """The displayed image in RGB with the heat map in red over the model's view of it: clear where the
+    local anomaly level is at or below the threshold, growing to `OVERLAY_OPACITY` at twice it."""
     base = np.asarray(display.convert("RGB"), dtype=np.float32)
     left, top, right, bottom = model_view_box(display.width, display.height, preprocess.center_crop)
-    level = Image.fromarray(np.clip(heat / 2.0, 0.0, 1.0).astype(np.float32), mode="F")
+    level = Image.fromarray(np.clip(heat - 1.0, 0.0, 1.0).astype(np.float32), mode="F")
     alpha = np.asarray(level.resize((right - left, bottom - top), Image.Resampling.BILINEAR)) * OVERLAY_OPACITY
     view = base[top:bottom, left:right]
     red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
