@@ -90,6 +90,25 @@ def prefect_server() -> Iterator[str]:
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uris_restored() -> Iterator[None]:
+    """`configure_tracking` (the CLI and the flows, run in-process here) sets MLflow's process-wide
+    tracking and registry URIs and exports them to the environment; put all four back after each
+    test, so one test's store never answers the next one's lookups (or a subprocess's)."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    saved = tracking._tracking_uri, registry._registry_uri
+    environment = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    tracking._tracking_uri, registry._registry_uri = saved
+    for name, value in environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty project directory (DPA_PROJECT_DIR, a git repository like the checkout it stands

@@ -2,7 +2,8 @@
 job: `python -m tests.integration.drift_client <dir>` with PREFECT_API_URL and MLFLOW_TRACKING_URI set.
 
 It registers a tiny `dpa-phantoms` champion whose reference normals are its scores on 64 normal
-phantoms, then runs the batch-scoring flow on three batches of 40 other normal phantoms: one as the
+phantoms, then runs the batch-scoring flow on three batches of 80 other normal phantoms (about 44
+patients: drift is tested on one image per patient, and needs 30): one as the
 default generator makes them, two from a shifted acquisition (lower contrast, as another scanner
 would give). Writes {batch name: scores.csv} to `<dir>/batches.json`.
 """
@@ -51,7 +52,7 @@ def main(root: Path) -> dict[str, str]:
     version = register(dpa, MODEL_NAME, operating_threshold(normals, 0.95), normals.tolist())
     MlflowClient().set_registered_model_alias(MODEL_NAME, CHAMPION, version)
     return {
-        name: batch_scoring(input=str(phantoms(root / name, 40, **spec)), out=str(root / f"{name}-scores"),
+        name: batch_scoring(input=str(phantoms(root / name, 80, **spec)), out=str(root / f"{name}-scores"),
                             model_uri=f"models:/{MODEL_NAME}@{CHAMPION}", heatmaps=False)
         for name, spec in BATCHES.items()
     }

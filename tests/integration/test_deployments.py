@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import mlflow
 import pandas as pd
 import psutil
 import pytest
@@ -33,7 +32,7 @@ from model.trainer import CHECKPOINT_NAME, train_dpa
 from tasks.config import PipelineParams, resolve_run_config
 from tasks.monitoring.monitor import DRIFT_EVENT, MONITORING_SUFFIX, read_batch
 from tasks.registry.mlflow_model import CHAMPION, load_dpa_scorer
-from tasks.registry.tracking import configure_tracking, ensure_experiment
+from tasks.registry.tracking import ensure_experiment
 from tasks.serving.dicom_results import model_uri_of_report
 from tests.integration.conftest import BIN, REPO, PrefectServer, run_command
 from tests.integration.drift_client import MODEL_NAME
@@ -162,14 +161,13 @@ def test_train_on_demand_runs_on_a_process_worker(
 
 
 def test_batch_scoring_runs_on_a_worker_before_and_after_a_promotion(
-    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path
+    prefect_server: PrefectServer, deployments: dict[str, dict], project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same run parameters (no edit of the deployment) on the day a new champion arrives: each
     version writes its own folder, where a fixed output folder used to refuse the new version; the
     DICOM input of the inbox gets its Structured Report and heat-map image (`dicom_out`)."""
     name = f"dpa-scoring-{uuid.uuid4().hex[:8]}"
-    configure_tracking()
-    mlflow.set_experiment(experiment_id=ensure_experiment("batch-scoring-test"))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", ensure_experiment("batch-scoring-test"))
     versions = [register(train_dpa(tiny_config(res=RES, stab_iters=20, seed=seed), blob_images(32, RES, seed=seed),
                                    progress=False), name) for seed in (0, 1)]
     inbox = tmp_path / "inbox"

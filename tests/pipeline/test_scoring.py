@@ -33,7 +33,7 @@ def test_dataset_scores_labels_and_heatmaps(champion: RegisteredDPA, image_set: 
     csv = score_inputs(champion.champion_uri, str(image_set.root), str(tmp_path / "out"))
     scores = pd.read_csv(csv, keep_default_na=False)
     assert list(scores.columns) == [
-        "path", "anomaly_score", "is_anomaly", "threshold", "label", "heatmap", "error", "model_uri", "model_version",
+        "path", "anomaly_score", "is_anomaly", "threshold", "label", "group", "heatmap", "error", "model_uri", "model_version",
         "input_digest",
     ]
     assert set(scores["model_uri"]) == {f"models:/{champion.name}/{champion.version}"}
