@@ -90,23 +90,32 @@ def prefect_server() -> Iterator[str]:
         yield PREFECT_API_URL.value()
 
 
+SESSION_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")
+
+
 @pytest.fixture(autouse=True)
-def mlflow_uris_restored() -> Iterator[None]:
-    """`configure_tracking` (the CLI and the flows, run in-process here) sets MLflow's process-wide
-    tracking and registry URIs and exports them to the environment; put all four back after each
-    test, so one test's store never answers the next one's lookups (or a subprocess's)."""
+def mlflow_stores_from_the_environment() -> Iterator[None]:
+    """`configure_tracking` (the CLI and the flows, run in-process here, some in module fixtures) sets
+    MLflow's process-wide tracking and registry URIs and exports them. Every test starts and ends with
+    MLflow reading its stores from the environment again, and with MLFLOW_TRACKING_URI as it found
+    it, so one test's store never answers another's lookups (or a subprocess's)."""
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    _forget_mlflow_uris()
+    yield
+    _forget_mlflow_uris()
+    if tracking_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+
+
+def _forget_mlflow_uris() -> None:
     from mlflow.tracking._model_registry import utils as registry
     from mlflow.tracking._tracking_service import utils as tracking
 
-    saved = tracking._tracking_uri, registry._registry_uri
-    environment = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
-    tracking._tracking_uri, registry._registry_uri = saved
-    for name, value in environment.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    tracking._tracking_uri, registry._registry_uri = None, None
+    if SESSION_REGISTRY_URI is None:
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 @pytest.fixture
