@@ -57,6 +57,11 @@ def is_image_file(path: Path) -> bool:
     return _reader_for(path) is not None
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A file `read_image` reads as DICOM (by suffix, or by the Part-10 preamble without one)."""
+    return _reader_for(path) is _read_dicom
+
+
 def _reader_for(path: Path) -> Callable[[Path, int], Image.Image] | None:
     reader = _READERS.get(path.suffix.lower())
     if reader is not None:

@@ -29,7 +29,7 @@ from model.export import INPUT, MAP, OPSET, SCORE, export_onnx
 from model.scoring import score_images
 from tasks.paths import project_dir
 from tasks.registry.mlflow_model import DPAPyfuncModel, load_dpa_scorer
-from tasks.registry.model_uri import registered_name
+from tasks.registry.model_uri import registered_name, registered_version
 from tasks.serving.journal import resolve_model
 from tasks.serving.scoring import FILE, list_inputs
 
@@ -103,7 +103,7 @@ def _parity_files(model_uri: str, images_dir: str | Path | None) -> list[Path]:
     when this project still holds that version."""
     if images_dir is not None:
         return list(list_inputs(images_dir)[FILE])
-    tags = MlflowClient().get_run(_run_id(model_uri)).data.tags
+    tags = MlflowClient().get_run(registered_version(model_uri).run_id).data.tags
     name, wanted = tags.get("dataset", "production"), tags.get("data_version", "")
     try:
         current = data_version(project_dir(), name)
@@ -118,11 +118,6 @@ def _parity_files(model_uri: str, images_dir: str | Path | None) -> list[Path]:
     dataset = project_dir() / dataset_paths(name)[0]
     test = select(read_manifest(dataset), split="test")
     return [resolve_path(dataset, p) for p in test[PATH]]
-
-
-def _run_id(model_uri: str) -> str:
-    name, number = registered_name(model_uri), model_uri.rsplit("/", 1)[-1]
-    return MlflowClient().get_model_version(name, number).run_id
 
 
 def _sidecar(model_uri: str, version: str, scorer: DPAPyfuncModel, heatmaps: bool, n_images: int, worst: float) -> dict:
@@ -142,7 +137,7 @@ def _sidecar(model_uri: str, version: str, scorer: DPAPyfuncModel, heatmaps: boo
 
 
 def _log_to_version(model_uri: str, out_dir: Path, n_images: int, worst: float) -> None:
-    client, run_id = MlflowClient(), _run_id(model_uri)
+    client, run_id = MlflowClient(), registered_version(model_uri).run_id
     for name in (ONNX_FILE, SIDECAR_FILE):
         client.log_artifact(run_id, str(out_dir / name), ARTIFACT_DIR)
     client.log_metric(run_id, "onnx_parity_max_relative_difference", worst)

@@ -19,22 +19,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
-from data_layer.images import read_image
+from data_layer.images import is_dicom_file, read_image
 from data_layer.preprocessing import PreprocessConfig, model_view_box
 
+if TYPE_CHECKING:
+    import highdicom as hd
+
 SCHEME = "99DPA"
-ANOMALY_SCORE = hd.sr.CodedConcept("DPA001", SCHEME, "Anomaly score")
-SCORE_THRESHOLD = hd.sr.CodedConcept("DPA002", SCHEME, "Anomaly score threshold")
-THRESHOLD_SPECIFICITY = hd.sr.CodedConcept("DPA003", SCHEME, "Specificity of the threshold on reference normal images")
-ANOMALY_DECISION = hd.sr.CodedConcept("DPA004", SCHEME, "Anomaly decision")
-IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+ANOMALY_SCORE = Code("DPA001", SCHEME, "Anomaly score")
+SCORE_THRESHOLD = Code("DPA002", SCHEME, "Anomaly score threshold")
+THRESHOLD_SPECIFICITY = Code("DPA003", SCHEME, "Specificity of the threshold on reference normal images")
+ANOMALY_DECISION = Code("DPA004", SCHEME, "Anomaly decision")
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 MODEL_URI_PARAMETER = "model_uri="
 """Prefix of the algorithm parameter that names the registered version (`dpa lineage` reads it)."""
 SR_SERIES, SC_SERIES = 9901, 9902
@@ -77,18 +81,12 @@ class DicomOutput:
     def write(self, source: Path, relative: str, score: float, is_anomaly: bool, heat: np.ndarray) -> tuple[str, str]:
         """The SR and heat-map image of one scored file (paths relative to `root`, mirroring the input
         layout), or the `NOT_DICOM` note for both when the input is not DICOM."""
-        if not is_dicom(source):
+        if not is_dicom_file(source):
             return NOT_DICOM, NOT_DICOM
         result = DicomResult(score, self.threshold, self.specificity, is_anomaly, heat, self.model_name,
                              self.model_version, self.model_uri)
         files = write_dicom_results(source, read_image(source), result, self.preprocess, self.root / relative)
         return tuple(f.relative_to(self.root).as_posix() for f in files)
-
-
-def is_dicom(file: Path) -> bool:
-    """A DICOM Part-10 file (by its preamble), whatever its name."""
-    with file.open("rb") as stream:
-        return stream.read(132)[128:132] == b"DICM"
 
 
 STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -113,6 +111,8 @@ def write_dicom_results(
 
 
 def structured_report(source: pydicom.Dataset, result: DicomResult) -> hd.sr.Comprehensive3DSR:
+    import highdicom as hd  # here, as in heatmap_capture: half a second to import, paid only by runs that write DICOM
+
     algorithm = hd.sr.AlgorithmIdentification(
         name=result.model_name, version=result.model_version, parameters=[MODEL_URI_PARAMETER + result.model_uri],
     )
@@ -158,6 +158,8 @@ def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray) -> hd.sc.SCImag
     """The overlay as a Secondary Capture in the source's study. Its patient orientation and laterality
     are the source's, verbatim, or empty (Type 2C) when the source has none: highdicom asks for an
     orientation to build the image, which is then replaced, so none is invented."""
+    import highdicom as hd
+
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=("L", "F"),

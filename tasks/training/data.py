@@ -26,6 +26,10 @@ class DatasetRef:
     version: str
     name: str = versioning.PRODUCTION
 
+    @classmethod
+    def at(cls, project: Path, name: str, version: str) -> DatasetRef:
+        return cls(project / versioning.dataset_paths(name)[0], version, name)
+
 
 def import_to(source: DataSource, out_dir: Path) -> Path:
     """Run the importer named by `source.importer` with the source's other fields as arguments."""
@@ -48,7 +52,7 @@ def commit_dataset(project: Path, staged: Path, workspace: str) -> DatasetRef:
     """Make the validated staged dataset the current version of `workspace`: `dvc add` + `dvc push`."""
     versioning.init_repo(project)
     version = versioning.commit_dataset(project, staged, workspace)
-    return DatasetRef(project / versioning.dataset_paths(workspace)[0], version, workspace)
+    return DatasetRef.at(project, workspace, version)
 
 
 @task(name="promote-dataset", retries=2, retry_delay_seconds=5)
@@ -56,7 +60,7 @@ def promote_dataset(project: Path, workspace: str) -> DatasetRef:
     """Make the workspace's current version the production dataset that scheduled retraining reads."""
     version = versioning.promote_dataset(project, workspace)
     print(f"data version {version} of workspace {workspace} is now the production dataset {project / versioning.DATA_DIR}")
-    return DatasetRef(project / versioning.DATA_DIR, version)
+    return DatasetRef.at(project, versioning.PRODUCTION, version)
 
 
 @task(name="pull-dataset", retries=2, retry_delay_seconds=5)
@@ -64,4 +68,4 @@ def pull_dataset(project: Path, name: str = versioning.PRODUCTION) -> DatasetRef
     """Use a DVC-tracked dataset (production by default), pulling it from the remote when missing or stale."""
     versioning.init_repo(project)
     version = versioning.resolve_dataset(project, name)
-    return DatasetRef(project / versioning.dataset_paths(name)[0], version, name)
+    return DatasetRef.at(project, name, version)

@@ -123,10 +123,10 @@ def test_the_report_states_the_result_and_references_the_source(
 
     (group,) = report.content.get_image_measurement_groups()
     assert [image.referenced_sop_instance_uid for image in group.source_images] == [source.SOPInstanceUID]
-    values = {m.name: m.value for m in group.get_measurements()}
-    assert values[ANOMALY_SCORE] == pytest.approx(float(scores.at[name, "anomaly_score"]), rel=1e-6)
-    assert values[SCORE_THRESHOLD] == pytest.approx(champion.threshold, rel=1e-6)
-    assert values[THRESHOLD_SPECIFICITY] == pytest.approx(95.0)  # the registered threshold's quantile
+    values = {m.name.value: m.value for m in group.get_measurements()}
+    assert values[ANOMALY_SCORE.value] == pytest.approx(float(scores.at[name, "anomaly_score"]), rel=1e-6)
+    assert values[SCORE_THRESHOLD.value] == pytest.approx(champion.threshold, rel=1e-6)
+    assert values[THRESHOLD_SPECIFICITY.value] == pytest.approx(95.0)  # the registered threshold's quantile
     (decision,) = group.get_qualitative_evaluations()
     assert decision.value == (codes.SCT.Abnormal if scores.at[name, "is_anomaly"] == "True" else codes.SCT.Normal)
     texts = {(item.ConceptNameCodeSequence[0].CodeMeaning, item.TextValue) for item in content_items(report) if "TextValue" in item}
