@@ -1,10 +1,10 @@
-# Recomputes the reference figures of tests/pipeline/test_clustered_statistics.py::test_the_clustered_paired_test_matches_the_reference_program
-# on tests/data/mitotic_figures_scanner_a.csv, with two implementations this project does not contain:
+# Prints the reference figures (mitotic_figures_reference.out) that tests/pipeline/test_clustered_statistics.py
+# checks the clustered paired test against, on tests/data/mitotic_figures_scanner_a.csv, with two implementations this project does not contain:
 #   * doAUCcluster.R of DIDSR/mitoticFigureCounts (R/doAUCcluster.R), the Cleveland Clinic QHS program for
 #     Obuchowski (1997) clustered ROC data (https://www.lerner.ccf.org/qhs/software/lib/funcs_clusteredROC.R),
 #     saved beside this script;
 #   * pROC (Debian: apt-get install r-cran-proc), DeLong's test for the one-cell-per-cluster case.
-# Run from tests/data: Rscript mitotic_figures_reference.R
+# Run from tests/data: Rscript mitotic_figures_reference.R > mitotic_figures_reference.out
 source("doAUCcluster.R")
 suppressMessages(library(pROC))
 d <- read.csv("mitotic_figures_scanner_a.csv")

@@ -9,6 +9,7 @@ paired test gives the figures of the reference program of Obuchowski's departmen
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,38 +71,34 @@ def test_the_clustered_covariance_is_obuchowskis_formula() -> None:
 
 MITOTIC_FIGURES = Path(__file__).parents[1] / "data" / "mitotic_figures_scanner_a.csv"
 # Printed by tests/data/mitotic_figures_reference.R (R 4.2.2): the Cleveland Clinic QHS program for
-# Obuchowski (1997) clustered ROC data, cells grouped by region of interest ("roi"), and pROC 1.18.0's
-# DeLong test with every cell its own group. Per pair: AUROCs, their variances, the variance of the
-# difference, the two-sided p-value.
-REFERENCE = {
-    (1, 2, "roi"): (0.71296296296296291, 0.6996996996996997, 0.0012795512592921861, 0.0013013867177565407,
-                    0.0017483622510236704, 0.75109101818192969),
-    (1, 3, "roi"): (0.71296296296296291, 0.70353687020353683, 0.0012795512592921861, 0.0013588986308496994,
-                    0.0018981329508116584, 0.82871047390374675),
-    (3, 5, "roi"): (0.70353687020353683, 0.69769769769769774, 0.0013588986308496994, 0.0015064030565500454,
-                    0.0014151122903813655, 0.87664557822944222),
-    (1, 2, "cell"): (0.71296296296296291, 0.6996996996996997, 0.0010704990886370896, 0.0013456309264960379,
-                     0.0017785441796781905, 0.75314273996496717),
-    (1, 3, "cell"): (0.71296296296296291, 0.70353687020353683, 0.0010704990886370896, 0.0012615781542432698,
-                     0.00129568019980312, 0.7934230406772349),
-    (3, 5, "cell"): (0.70353687020353683, 0.69769769769769774, 0.0012615781542432698, 0.00095198358024540391,
-                     0.0013401394219617314, 0.87327043689583728),
-}
+# Obuchowski (1997) clustered ROC data, cells grouped by region of interest ("roi") or each its own
+# ("target_id"), and pROC 1.18.0's DeLong test (each cell its own).
+REFERENCE = [line for line in (MITOTIC_FIGURES.parent / "mitotic_figures_reference.out").read_text().splitlines()
+             if line.startswith(("QHS", "pROC"))]
 
 
-@pytest.mark.parametrize("case", REFERENCE, ids=lambda c: f"observers-{c[0]}-vs-{c[1]}-by-{c[2]}")
-def test_the_clustered_paired_test_matches_the_reference_program(case) -> None:
+def _reference_figures(line: str) -> tuple[int, int, str, dict[str, list[float]]]:
+    """'QHS  observers 1 vs 2 by roi: auc a b var c d var_diff e p f' → (1, 2, 'roi', {'auc': [a, b], ...})."""
+    head, _, figures = line.partition(": ")
+    _, _, first, _, second, _, unit = head.split()
+    named = re.findall(r"([a-z_]+)((?: [-+.\deE]+)+)", figures)
+    return int(first), int(second), unit, {key: [float(v) for v in values.split()] for key, values in named}
+
+
+@pytest.mark.parametrize("line", REFERENCE, ids=lambda line: line.partition(":")[0].replace(" ", "-").replace("--", "-"))
+def test_the_clustered_paired_test_matches_the_reference_program(line: str) -> None:
     """Five pathologists' binary calls on 155 candidate mitotic figures in 38 regions of four slides
     (FDA's CC0 data, tests/data/README.md): regions hold both true and false figures, so every term of
     Obuchowski's covariance counts, and binary calls make almost every score a tie."""
-    first, second, unit = case
+    first, second, unit, expected = _reference_figures(line)
     cells = pd.read_csv(MITOTIC_FIGURES)
     scores = cells[[f"observer_{first}", f"observer_{second}"]].to_numpy(dtype=float).T
     groups = cells["roi"].to_numpy() if unit == "roi" else None
     auroc, cov = delong_covariance(cells["truth"], scores, groups)
     paired = paired_delong(cells["truth"], scores[0], scores[1], groups=groups)
-    figures = (*auroc, cov[0, 0], cov[1, 1], cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 2 * norm.sf(abs(paired.z)))
-    assert np.allclose(figures, REFERENCE[case], rtol=1e-10, atol=0), figures
+    ours = {"auc": list(auroc), "var": [cov[0, 0], cov[1, 1]], "var_diff": [cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]],
+            "z": [paired.z], "p": [2 * norm.sf(abs(paired.z))]}
+    assert expected and all(np.allclose(ours[k], value, rtol=1e-10, atol=0) for k, value in expected.items()), (ours, expected)
     assert paired.n_groups == (38 if unit == "roi" else 155)
 
 
