@@ -75,10 +75,14 @@ def _before_any_command(
 ) -> None:
     """Set up malloc while this is the only thread, so the task threads that train share its setting;
     give Prefect's temporary server (a command run without PREFECT_API_URL) time to start: its 20 s
-    default is too short for the first start of a fresh install on 2 cores (seen in `make demo`)."""
+    default is too short for the first start of a fresh install on 2 cores (seen in `make demo`);
+    and keep that server's telemetry off unless asked for, as `dpa up` does: it would call Prefect's
+    servers from a hospital's network, and on a first start it raced the database migration
+    ("database is locked", a traceback in `make demo`'s output)."""
     _App.debug = debug
     keep_freed_memory()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""The `dpa` command line: data commands end to end, overrides parsing."""
+"""The `dpa` command line: data commands end to end, overrides parsing, Prefect's defaults."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,12 @@ def test_phantoms_then_validate(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "validate", str(out)])
     assert result.exit_code == 1
     assert first.name in result.output
+
+
+def test_prefect_telemetry_is_off_unless_the_user_turns_it_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED")
+    runner.invoke(app, ["data", "validate", str(tmp_path)])
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    runner.invoke(app, ["data", "validate", str(tmp_path)])
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
