@@ -152,7 +152,8 @@ def demo() -> None:
     # The demo's phantoms are its production data: promoted explicitly, so scheduled retraining finds them.
     s = training_pipeline(_params("demo", ["dataset.promote=true"], None, None))
     typer.echo(
-        f"\nTest AUROC {s['auroc']:.3f} (95% CI {s['auroc_ci'][0]:.3f}–{s['auroc_ci'][1]:.3f}) on data version {s['data_version']}\n"
+        f"\nTest AUROC {s['auroc']:.3f} (95% CI {s['auroc_ci'][0]:.3f}–{s['auroc_ci'][1]:.3f}, {s['auroc_ci_method']}) "
+        f"on data version {s['data_version']}\n"
         f"{baseline_line(s)}\n{DEMO_WEIGHTS_NOTE if s['baseline_warning'] else ''}"
         f"Registered {s['model_name']} version {s['version']} with alias 'challenger'"
         f"{' and promoted to champion' if s['promoted'] else ''}.\n"

@@ -86,8 +86,7 @@ def training_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     summary = TrainingSummary.of(run.info, cfg, dataset.version, trained, decision)
     publish(summary, f"{tracking_ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     result = asdict(summary)
-    patients = trained.evaluation.metrics.n_groups
     print(f"test AUROC {summary.auroc:.4f} (95% CI {summary.auroc_ci[0]:.4f}–{summary.auroc_ci[1]:.4f}, "
-          f"bootstrap over {patients} patients); {decision.summary}")
+          f"{summary.auroc_ci_method}); {decision.summary}")
     print(baseline_line(result))
     return result

@@ -11,6 +11,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from tasks.config import RunConfig
 from tasks.training.evaluation import ModelEvaluation
+from tasks.training.evaluation_report import interval_name
 
 if TYPE_CHECKING:
     from mlflow.entities import RunInfo
@@ -35,6 +36,8 @@ class TrainingSummary:
     baselines: dict[str, dict[str, float]]
     baseline_warning: str | None
     seeds: dict[str, object] | None = None
+    auroc_ci_method: str = "stratified bootstrap over images"
+    """What the interval resampled: patients where the test set names them (see interval_name)."""
 
     @classmethod
     def of(cls, run: RunInfo, cfg: RunConfig, data_version: str, trained: Trained, decision: PromotionDecision) -> TrainingSummary:
@@ -45,6 +48,7 @@ class TrainingSummary:
             auroc_ci=(metrics.auroc_ci_low, metrics.auroc_ci_high), promoted=decision.promoted,
             decision=decision.summary, baselines=baseline_summary(trained.evaluation),
             baseline_warning=trained.evaluation.baseline_warning, seeds=trained.seeds,
+            auroc_ci_method=interval_name(metrics),
         )
 
 
@@ -52,7 +56,7 @@ def publish(summary: TrainingSummary, tracking_url: str) -> None:
     """Results a person reads in the Prefect UI (the gate and the promotion task publish their own)."""
     create_table_artifact(
         [{"metric": "test AUROC", "value": f"{summary.auroc:.4f}"},
-         {"metric": "AUROC 95% CI", "value": f"[{summary.auroc_ci[0]:.4f}, {summary.auroc_ci[1]:.4f}]"},
+         {"metric": "AUROC 95% CI", "value": f"[{summary.auroc_ci[0]:.4f}, {summary.auroc_ci[1]:.4f}], {summary.auroc_ci_method}"},
          *baseline_rows(summary),
          *seed_rows(summary.seeds),
          {"metric": "data version", "value": summary.data_version},

@@ -46,6 +46,7 @@ def test_a_run_is_tracked_registered_and_promoted_then_a_second_gets_a_decision(
     assert (first["baseline_warning"] is None) == beaten
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())  # the embedded store keeps artifacts in the project
     assert run.data.params["dpa.train.stab_iters"] == "20"
+    assert re.fullmatch(r"bootstrap over \d+ patients .*", first["auroc_ci_method"])  # the phantoms name their patients
     for metric in ("test_auroc", "test_auprc", "test_auroc_ci_low", "test_auroc_ci_high", "train_loss"):
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(first["run_id"], "train_loss")) >= 1
