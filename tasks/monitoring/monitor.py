@@ -12,11 +12,12 @@ A batch is what a scoring run scored that no earlier monitoring of the same outp
 `monitored.csv` beside scores.csv lists the input digests already monitored, so an inbox that
 grows day by day is tested on each day's new images, and re-running a finished batch adds nothing.
 The same images monitored again for the same version (the ledger lost, another folder) find the
-existing run by its input digest: no second run, no second event. Where scores.csv has a patient
-`group` column (a scored dataset's manifest), the tests take one image per group
-(`tasks.monitoring.drift.one_per_group`); inputs without one (image folders, DICOM directories, whose
-PatientID is not copied out) are tested as independent images, and the note says so: several
-images of one patient then make drift look stronger.
+existing run by its input digest: no second run, no second event. Where scores.csv names the
+patient in its `group` column (a scored dataset's manifest; for DICOM inputs a pseudonym of
+PatientID, see `tasks.serving.scoring`), the tests take one image per patient
+(`tasks.monitoring.drift.one_per_group`); an image without one (a PNG folder, a DICOM file without
+PatientID) counts as its own patient, and the note says how many did: several images of one
+patient tested as independent make drift look stronger.
 
 Outside a flow run the event is sent only when a Prefect server is configured (PREFECT_API_URL):
 without one there is nobody to tell, and starting a temporary server for one event would only
@@ -32,6 +33,7 @@ import logging
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -79,13 +81,18 @@ class Batch(BaseModel):
     digests: list[str] = []
     """The per-file digests of the batch's rows (those scored and those that failed)."""
     n_images: int = 0
-    """Scored images; `scores` holds one per patient group when the batch carries groups."""
+    """Scored images; `scores` holds one per patient where the batch names them."""
     grouped: bool = False
+    ungrouped: int = 0
+    """Scored images that name no patient: each tested as its own."""
 
     def sampling_note(self) -> str:
-        if self.grouped:
-            return f"tested one image per patient group ({len(self.scores)} groups of {self.n_images} images)"
-        return "the inputs carry no patient group: images tested as independent (a patient's several images overstate drift)"
+        if not self.grouped:
+            return "the inputs carry no patient group: images tested as independent (a patient's several images overstate drift)"
+        note = f"tested one image per patient group ({len(self.scores)} groups of {self.n_images} images)"
+        if self.ungrouped:
+            note += f"; {self.ungrouped} images name no patient and count as their own"
+        return note
 
 
 class Monitoring(BaseModel):
@@ -111,13 +118,20 @@ def read_batch(scores_csv: str | Path, monitored: frozenset[str] = frozenset()) 
     frame = frame[~frame[INPUT_DIGEST].isin(monitored)] if INPUT_DIGEST in frame else frame
     scored = frame[frame[ERROR] == ""]
     scores = scored[SCORE].astype(float).to_numpy()
-    grouped = GROUP in scored and bool(len(scored)) and (scored[GROUP] != "").all()
+    named = scored.get(GROUP, pd.Series("", index=scored.index)).to_numpy(dtype=str)
+    unnamed = int((named == "").sum())
     digests = sorted(d for d in frame.get(INPUT_DIGEST, []) if d)
     return Batch(
-        scores_csv=str(Path(scores_csv).resolve()), scores=(one_per_group(scores, scored[GROUP]) if grouped else scores).tolist(),
+        scores_csv=str(Path(scores_csv).resolve()), scores=one_per_group(scores, _patients(named)).tolist(),
         model_uri=uris[0], model_name=name, model_version=version,
-        input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(), digests=digests, n_images=len(scores), grouped=grouped,
+        input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(), digests=digests, n_images=len(scores),
+        grouped=unnamed < len(named), ungrouped=unnamed if unnamed < len(named) else 0,
     )
+
+
+def _patients(groups: np.ndarray) -> np.ndarray:
+    """Each image's patient: its group, or the image itself where it names none (a key no group can be)."""
+    return np.where(groups != "", groups, np.char.add("\0image ", np.arange(len(groups)).astype(str)))
 
 
 def operating_threshold(reference: ReferenceScores, threshold: float | None, specificity: float | None) -> float:

@@ -8,8 +8,10 @@ blank) is refused here too. A file that cannot be read, is refused or cannot be 
 warning, and the summary counts it; the other files are still scored.
 
 scores.csv columns: `path` (relative to the input; the manifest path for a dataset),
-`anomaly_score`, `is_anomaly`, `threshold` (the one `is_anomaly` applies), `label` and `group` (the
-patient, which drift monitoring samples by; only for a manifest), `heatmap` (the PNG under
+`anomaly_score`, `is_anomaly`, `threshold` (the one `is_anomaly` applies), `label` (a manifest's),
+`group` (the patient, which drift monitoring samples by: a manifest's group; for a DICOM file a
+pseudonym of its PatientID that links that patient's images within one scoring run and nowhere
+else; empty otherwise), `heatmap` (the PNG under
 `heatmaps/`, see `tasks.registry.mlflow_model` for its grey scale), `error`, and the lineage of each row:
 `model_uri` (the pinned version, `models:/<name>/<version>`), `model_version` and `input_digest`
 (sha256 of the file's bytes). One row per input file, in input order.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,8 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
 from data_layer.admission import ImageRefused
-from data_layer.images import SUPPORTED_SUFFIXES, is_image_file, read_image
+from data_layer.dicom import dicom_group_id
+from data_layer.images import SUPPORTED_SUFFIXES, is_dicom_file, is_image_file, read_image
 from data_layer.manifest import GROUP, LABEL, MANIFEST_NAME, PATH, read_manifest, resolve_path
 from data_layer.pixels import ImageReadError
 from tasks.registry.mlflow_model import HEATMAP, IS_ANOMALY, SCORE, DPAPyfuncModel, decode_heatmap, load_dpa_scorer
@@ -41,6 +45,7 @@ from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal
 from tasks.serving.dicom_results import DICOM_HEATMAP, DICOM_SR, NOT_DICOM, DicomOutput
 from tasks.serving.journal import (
     INPUT_DIGEST,
+    JOURNAL_CSV,
     KEY,
     MODEL_URI,
     MODEL_VERSION,
@@ -98,6 +103,34 @@ def list_inputs(input: str | Path) -> pd.DataFrame:
     return inputs
 
 
+def patient_pseudonyms(files: list[Path]) -> list[str]:
+    """Per file, a pseudonym of its DICOM PatientID ('' for other files and DICOM files without one).
+    The salt is drawn for this call and never written, so a pseudonym links one patient's images
+    within one scoring run and can be traced to no PatientID, nor matched across runs (a run resumed
+    after an interruption may count a patient twice)."""
+    salt = secrets.token_hex(16)
+    return [_pseudonym(file, salt) if is_dicom_file(file) else "" for file in files]
+
+
+def _pseudonym(file: Path, salt: str) -> str:
+    try:
+        return dicom_group_id(file, salt)
+    except ImageReadError:  # no PatientID, or not readable (its row will say why)
+        return ""
+
+
+def _as_earlier_runs_wrote(out_dir: Path, columns: list[str]) -> list[str]:
+    """Folders begun before image folders and DICOM directories had a `group` column go on without
+    one, so an upgrade never refuses to resume or extend them."""
+    journal = out_dir / JOURNAL_CSV
+    if not journal.is_file():
+        return columns
+    with open(journal, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n").split(",")
+    without_group = [c for c in columns if c != GROUP]
+    return without_group if header == without_group else columns
+
+
 def _is_image_file(file: Path) -> bool:
     return file.name not in _NOT_IMAGES and not file.name.startswith(".") and is_image_file(file)
 
@@ -150,15 +183,18 @@ def score_inputs(
     inputs = inputs[~row_keys(inputs).isin(skip)].reset_index(drop=True)
     if inputs.empty:
         return None
+    if GROUP not in inputs:
+        inputs[GROUP] = patient_pseudonyms(list(inputs[FILE]))
     model = resolve_model(model_uri)
     scorer = load_dpa_scorer(model.uri, threshold, specificity)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dicom = _dicom_output(dicom_out, model, scorer, threshold, specificity)
-    columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL, GROUP] if LABEL in inputs else []), *([HEATMAP] if heatmaps else []),
+    columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL] if LABEL in inputs else []), GROUP, *([HEATMAP] if heatmaps else []),
                *([DICOM_SR, DICOM_HEATMAP] if dicom else []), ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
     with output_lock(out_dir), stop_on_signal():
-        journal = ScoreJournal(out_dir, columns, model, repr(scorer.threshold))
+        journal = ScoreJournal(out_dir, _as_earlier_runs_wrote(out_dir, columns), model, repr(scorer.threshold))
+        columns = journal.columns
         done = journal.read()
         _refuse_foreign_scores(out_dir / SCORES_CSV, model)
         todo = inputs[~row_keys(inputs).isin(set(row_keys(done)))].reset_index(drop=True)

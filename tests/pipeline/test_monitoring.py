@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from PIL import Image
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
@@ -22,7 +23,9 @@ from flows.cli import app
 from tasks.monitoring.drift import TOO_FEW, DriftLevels, drift_report
 from tasks.monitoring.monitor import MONITORING_SUFFIX, REPORT_FILE, monitor_batch
 from tasks.registry.mlflow_model import SERVING_CONFIG, WEIGHTS, DPAPyfuncModel
+from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
+from tests.pipeline.dicom_files import radiograph
 
 
 def score(model_uri: str, image_set: ImageSet, out: Path, *options: str) -> str:
@@ -109,3 +112,29 @@ def test_a_growing_inbox_is_monitored_on_the_images_new_since_the_last_run(
     runs = sorted(monitoring_runs(champion.name, out), key=lambda r: r.info.start_time)
     assert [r.data.metrics["n"] for r in runs] == [len(first), len(later)]
     assert len(pd.read_csv(out / "monitored.csv")) == len({f.name for f in image_set.files}) == len(image_set.files)
+
+
+def test_dicom_inputs_are_tested_one_image_per_patient_under_a_pseudonym_of_one_run(
+    champion: RegisteredDPA, tmp_path: Path
+) -> None:
+    """A PACS export: four patients with three radiographs each, one radiograph without PatientID and
+    a PNG. scores.csv links each patient's images by a pseudonym no PatientID can be read from, and a
+    second run's pseudonyms match none of the first's."""
+    pacs = tmp_path / "pacs"
+    blobs = [b[0].numpy() for b in blob_images(14, 32, seed=21)]
+    for patient in range(4):
+        (pacs / f"P{patient}").mkdir(parents=True)
+        for k in range(3):
+            radiograph(pacs / f"P{patient}" / f"IM{k}", blobs[3 * patient + k], "MONOCHROME2", "window", PatientID=f"MRN-00{patient}")
+    radiograph(pacs / "IM-anonymous", blobs[12], "MONOCHROME2", "window")
+    Image.fromarray(blobs[13]).save(pacs / "photo.png")
+    output = score(champion.champion_uri, ImageSet(pacs, [], []), tmp_path / "a", "--drift-min-batch", "2")
+    assert "tested one image per patient group (6 groups of 14 images); 2 images name no patient and count as their own" in output
+    assert "MRN" not in (tmp_path / "a" / "scores.csv").read_text()
+    first = pd.read_csv(tmp_path / "a" / "scores.csv", dtype=str, keep_default_na=False).set_index("path")["group"]
+    assert first[["IM-anonymous", "photo.png"]].tolist() == ["", ""]
+    patients = [set(first[[f"P{p}/IM{k}" for k in range(3)]]) for p in range(4)]
+    assert all(len(names) == 1 and "" not in names for names in patients) and len(set.union(*patients)) == 4
+    score(champion.champion_uri, ImageSet(pacs, [], []), tmp_path / "b", "--no-monitor")
+    second = pd.read_csv(tmp_path / "b" / "scores.csv", dtype=str, keep_default_na=False)["group"]
+    assert not (set(second) - {""}) & set.union(*patients)

@@ -195,3 +195,19 @@ def test_a_second_writer_on_the_same_folder_is_refused(champion: RegisteredDPA, 
         lock.release()
     finally:
         gc.enable()
+
+
+def test_a_folder_begun_before_the_group_column_goes_on_without_it(champion: RegisteredDPA, folder: Path, tmp_path: Path) -> None:
+    """An image folder scored by the code before `group` existed for folders: an upgrade resumes it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in sorted(folder.rglob("*.png"))[:3]:
+        (images / src.name).write_bytes(src.read_bytes())
+    out = tmp_path / "out"
+    first = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False), dtype=str, keep_default_na=False)
+    assert "group" in first and (first["group"] == "").all()  # PNGs name no patient
+    old = first.drop(columns="group").iloc[:2]  # what that code had journaled when it was stopped
+    (out / SCORES_CSV).unlink()
+    old.to_csv(out / JOURNAL_CSV, index=False, lineterminator="\n")
+    resumed = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False), dtype=str, keep_default_na=False)
+    assert resumed.equals(first.drop(columns="group"))
