@@ -84,7 +84,7 @@ class Batch(BaseModel):
     """Scored images; `scores` holds one per patient where the batch names them."""
     grouped: bool = False
     ungrouped: int = 0
-    """Scored images that name no patient: each tested as its own."""
+    """Of a grouped batch, the scored images that name no patient: each tested as its own (0 when none names one)."""
 
     def sampling_note(self) -> str:
         if not self.grouped:
@@ -92,6 +92,8 @@ class Batch(BaseModel):
         note = f"tested one image per patient group ({len(self.scores)} groups of {self.n_images} images)"
         if self.ungrouped:
             note += f"; {self.ungrouped} images name no patient and count as their own"
+        if len(self.scores) == 1 and self.n_images > 1:
+            note += "; every image names the same patient: a placeholder PatientID? (then give each its own, or a manifest)"
         return note
 
 
@@ -120,12 +122,13 @@ def read_batch(scores_csv: str | Path, monitored: frozenset[str] = frozenset()) 
     scores = scored[SCORE].astype(float).to_numpy()
     named = scored.get(GROUP, pd.Series("", index=scored.index)).to_numpy(dtype=str)
     unnamed = int((named == "").sum())
+    grouped = unnamed < len(named)
     digests = sorted(d for d in frame.get(INPUT_DIGEST, []) if d)
     return Batch(
         scores_csv=str(Path(scores_csv).resolve()), scores=one_per_group(scores, _patients(named)).tolist(),
         model_uri=uris[0], model_name=name, model_version=version,
         input_digest=hashlib.sha256("\n".join(digests).encode()).hexdigest(), digests=digests, n_images=len(scores),
-        grouped=unnamed < len(named), ungrouped=unnamed if unnamed < len(named) else 0,
+        grouped=grouped, ungrouped=unnamed if grouped else 0,
     )
 
 

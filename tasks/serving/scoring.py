@@ -106,16 +106,16 @@ def list_inputs(input: str | Path) -> pd.DataFrame:
 def patient_pseudonyms(files: list[Path]) -> list[str]:
     """Per file, a pseudonym of its DICOM PatientID ('' for other files and DICOM files without one).
     The salt is drawn for this call and never written, so a pseudonym links one patient's images
-    within one scoring run and can be traced to no PatientID, nor matched across runs (a run resumed
-    after an interruption may count a patient twice)."""
+    within one scoring run and can be traced to no PatientID, nor matched across runs. A resumed run
+    rewrites every row's pseudonym with its own salt, so one scores.csv never mixes two."""
     salt = secrets.token_hex(16)
-    return [_pseudonym(file, salt) if is_dicom_file(file) else "" for file in files]
+    return [_pseudonym(file, salt) for file in files]
 
 
 def _pseudonym(file: Path, salt: str) -> str:
     try:
-        return dicom_group_id(file, salt)
-    except ImageReadError:  # no PatientID, or not readable (its row will say why)
+        return dicom_group_id(file, salt) if is_dicom_file(file) else ""
+    except (ImageReadError, OSError):  # no PatientID, unreadable or gone (its row will say why)
         return ""
 
 
@@ -202,6 +202,8 @@ def score_inputs(
             print(f"resuming {out_dir}: {len(inputs) - len(todo)} of {len(inputs)} files already scored by version {model.version}")
         fresh = _score_todo(model, scorer, todo, _Outputs(out_dir, heatmaps, dicom), journal, chunk_size)
         results = _in_input_order(inputs, pd.concat([done, fresh.astype(str)], ignore_index=True), columns)
+        if GROUP in columns and LABEL not in inputs:  # journaled rows hold an earlier run's pseudonyms
+            results[GROUP] = inputs[GROUP].to_numpy()
         csv = out_dir / SCORES_CSV
         _write_atomically(results, csv)
     failed = results.loc[results[ERROR] != "", [PATH, ERROR]]

@@ -104,11 +104,14 @@ def _top(scores: np.ndarray, mask: np.ndarray) -> list[int]:
     return indices[np.argsort(-scores[indices], kind="stable")][:HEATMAP_SAMPLES_PER_CLASS].tolist()
 
 
+PER_IMAGE_INTERVAL = "stratified bootstrap over images"
+
+
 def interval_name(e: Evaluation) -> str:
     """How the AUROC interval was resampled: patients where the test set names them."""
     if e.n_groups and e.n_groups < e.n_normal + e.n_abnormal:
         return f"bootstrap over {e.n_groups} patients (their images are not independent), stratified"
-    return "stratified bootstrap over images"
+    return PER_IMAGE_INTERVAL
 
 
 def operating_point_line(point: OperatingPoint | None) -> str:

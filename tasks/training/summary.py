@@ -11,7 +11,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from tasks.config import RunConfig
 from tasks.training.evaluation import ModelEvaluation
-from tasks.training.evaluation_report import interval_name
+from tasks.training.evaluation_report import PER_IMAGE_INTERVAL, interval_name
 
 if TYPE_CHECKING:
     from mlflow.entities import RunInfo
@@ -36,7 +36,7 @@ class TrainingSummary:
     baselines: dict[str, dict[str, float]]
     baseline_warning: str | None
     seeds: dict[str, object] | None = None
-    auroc_ci_method: str = "stratified bootstrap over images"
+    auroc_ci_method: str = PER_IMAGE_INTERVAL
     """What the interval resampled: patients where the test set names them (see interval_name)."""
 
     @classmethod

@@ -23,6 +23,7 @@ from flows.cli import app
 from tasks.monitoring.drift import TOO_FEW, DriftLevels, drift_report
 from tasks.monitoring.monitor import MONITORING_SUFFIX, REPORT_FILE, monitor_batch
 from tasks.registry.mlflow_model import SERVING_CONFIG, WEIGHTS, DPAPyfuncModel
+from tasks.serving.journal import JOURNAL_CSV
 from tests.model_core.conftest import blob_images
 from tests.pipeline.conftest import ImageSet, RegisteredDPA
 from tests.pipeline.dicom_files import radiograph
@@ -138,3 +139,12 @@ def test_dicom_inputs_are_tested_one_image_per_patient_under_a_pseudonym_of_one_
     score(champion.champion_uri, ImageSet(pacs, [], []), tmp_path / "b", "--no-monitor")
     second = pd.read_csv(tmp_path / "b" / "scores.csv", dtype=str, keep_default_na=False)["group"]
     assert not (set(second) - {""}) & set.union(*patients)
+
+    # A run stopped mid-batch, then resumed: one scores.csv never holds two runs' pseudonyms.
+    journal = (tmp_path / "b" / JOURNAL_CSV).read_text().splitlines(keepends=True)
+    (tmp_path / "b" / JOURNAL_CSV).write_text("".join(journal[:6]))
+    (tmp_path / "b" / "scores.csv").unlink()
+    score(champion.champion_uri, ImageSet(pacs, [], []), tmp_path / "b", "--no-monitor")
+    resumed = pd.read_csv(tmp_path / "b" / "scores.csv", dtype=str, keep_default_na=False).set_index("path")["group"]
+    assert all(resumed[[f"P{p}/IM{k}" for k in range(3)]].nunique() == 1 for p in range(4))
+    assert not (set(resumed) - {""}) & (set(second) | set.union(*patients))
