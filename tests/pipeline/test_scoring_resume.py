@@ -47,6 +47,14 @@ def dpa_score(model_uri: str, folder: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def first_images(folder: Path, to: Path, n: int) -> Path:
+    """A folder of copies of `folder`'s first `n` PNGs."""
+    to.mkdir()
+    for src in sorted(folder.rglob("*.png"))[:n]:
+        (to / src.name).write_bytes(src.read_bytes())
+    return to
+
+
 def journal_rows(out: Path) -> int:
     file = out / JOURNAL_CSV
     return max(file.read_bytes().count(b"\n") - 1, 0) if file.is_file() else 0
@@ -127,10 +135,7 @@ def test_sigterm_stops_after_a_chunk_with_exit_143_and_the_rerun_completes(
 def test_rerun_of_a_finished_folder_writes_nothing_and_rescoring_follows_content(
     champion: RegisteredDPA, folder: Path, tmp_path: Path
 ) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for src in sorted(folder.rglob("*.png"))[:5]:
-        (images / src.name).write_bytes(src.read_bytes())
+    images = first_images(folder, tmp_path / "images", 5)
     out = tmp_path / "out"
     first = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), chunk_size=2), dtype=str)
     files = [out / JOURNAL_CSV, *(out / "heatmaps").rglob("*.png")]
@@ -152,10 +157,7 @@ def test_rerun_of_a_finished_folder_writes_nothing_and_rescoring_follows_content
 def test_another_model_version_in_the_folder_is_refused(
     champion: RegisteredDPA, folder: Path, tmp_path: Path
 ) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    src = sorted(folder.rglob("*.png"))[0]
-    (images / src.name).write_bytes(src.read_bytes())
+    images = first_images(folder, tmp_path / "images", 1)
     out = tmp_path / "out"
     score_inputs(f"models:/{champion.name}/{champion.version}", str(images), str(out), heatmaps=False)
     newer = register(champion.dpa, champion.name)
@@ -167,10 +169,7 @@ def test_another_model_version_in_the_folder_is_refused(
 
 
 def test_a_resume_at_another_threshold_is_refused(champion: RegisteredDPA, folder: Path, tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for src in sorted(folder.rglob("*.png"))[:2]:
-        (images / src.name).write_bytes(src.read_bytes())
+    images = first_images(folder, tmp_path / "images", 2)
     out = tmp_path / "out"
     first = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False, threshold=0.5), dtype=str)
     assert set(first["threshold"]) == {"0.5"}
@@ -199,10 +198,7 @@ def test_a_second_writer_on_the_same_folder_is_refused(champion: RegisteredDPA, 
 
 def test_a_folder_begun_before_the_group_column_goes_on_without_it(champion: RegisteredDPA, folder: Path, tmp_path: Path) -> None:
     """An image folder scored by the code before `group` existed for folders: an upgrade resumes it."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for src in sorted(folder.rglob("*.png"))[:3]:
-        (images / src.name).write_bytes(src.read_bytes())
+    images = first_images(folder, tmp_path / "images", 3)
     out = tmp_path / "out"
     first = pd.read_csv(score_inputs(champion.champion_uri, str(images), str(out), heatmaps=False), dtype=str, keep_default_na=False)
     assert "group" in first and (first["group"] == "").all()  # PNGs name no patient
