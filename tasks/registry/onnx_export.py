@@ -64,8 +64,9 @@ class ExportResult:
 def export_version(model_uri: str, out_dir: str | Path, heatmaps: bool = False, images_dir: str | Path | None = None) -> ExportResult:
     """Export `model_uri` (pinned to its version) to `out_dir`, checked on its test images (or `images_dir`)."""
     model = resolve_model(model_uri)
+    run_id = registered_version(model.uri).run_id
     scorer = load_dpa_scorer(model.uri)
-    files = _parity_files(model.uri, images_dir)
+    files = _parity_files(model.uri, run_id, images_dir)
     images = torch.cat([scorer.prepare([read_image(f)]) for f in files])
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +85,7 @@ def export_version(model_uri: str, out_dir: str | Path, heatmaps: bool = False, 
         out_dir.mkdir(parents=True, exist_ok=True)
         for file in (onnx_file, sidecar):
             shutil.copy(file, out_dir / file.name)
-    _log_to_version(model.uri, out_dir, len(files), worst)
+    _log_to_version(run_id, out_dir, len(files), worst)
     return ExportResult(out_dir / ONNX_FILE, out_dir / SIDECAR_FILE, len(files), worst)
 
 
@@ -98,12 +99,12 @@ def _parity(onnx_file: Path, scorer: DPAPyfuncModel, images: torch.Tensor) -> tu
     return float(relative.max()), int(relative.argmax())
 
 
-def _parity_files(model_uri: str, images_dir: str | Path | None) -> list[Path]:
-    """`images_dir`'s images, else the test split of the dataset version the model was trained on,
-    when this project still holds that version."""
+def _parity_files(model_uri: str, run_id: str, images_dir: str | Path | None) -> list[Path]:
+    """`images_dir`'s images, else the test split of the dataset version the model (logged by run
+    `run_id`) was trained on, when this project still holds that version."""
     if images_dir is not None:
         return list(list_inputs(images_dir)[FILE])
-    tags = MlflowClient().get_run(registered_version(model_uri).run_id).data.tags
+    tags = MlflowClient().get_run(run_id).data.tags
     name, wanted = tags.get("dataset", "production"), tags.get("data_version", "")
     try:
         current = data_version(project_dir(), name)
@@ -136,8 +137,8 @@ def _sidecar(model_uri: str, version: str, scorer: DPAPyfuncModel, heatmaps: boo
     }
 
 
-def _log_to_version(model_uri: str, out_dir: Path, n_images: int, worst: float) -> None:
-    client, run_id = MlflowClient(), registered_version(model_uri).run_id
+def _log_to_version(run_id: str, out_dir: Path, n_images: int, worst: float) -> None:
+    client = MlflowClient()
     for name in (ONNX_FILE, SIDECAR_FILE):
         client.log_artifact(run_id, str(out_dir / name), ARTIFACT_DIR)
     client.log_metric(run_id, "onnx_parity_max_relative_difference", worst)

@@ -80,11 +80,13 @@ def file_digests(files: list[Path]) -> list[str]:
 
 class ScoreJournal:
     """`<out>/scores.journal.csv`: the header, then one line per scored file, in scoring order.
-    `threshold` is the one this run applies, as written in the rows' `threshold` column."""
+    `threshold` is the one this run applies, as written in the rows' `threshold` column. A journal
+    begun before one of the `optional` columns existed goes on without it (`columns` then drops it),
+    so an upgrade never refuses to resume or extend a folder."""
 
-    def __init__(self, out_dir: Path, columns: list[str], model: ModelRef, threshold: str):
+    def __init__(self, out_dir: Path, columns: list[str], model: ModelRef, threshold: str, optional: frozenset[str] = frozenset()):
         self.file = out_dir / JOURNAL_CSV
-        self.columns, self.model, self.threshold = columns, model, threshold
+        self.columns, self.model, self.threshold, self.optional = columns, model, threshold, optional
 
     def read(self) -> pd.DataFrame:
         """The rows already scored (empty when new), after dropping a torn last line and checking
@@ -95,6 +97,8 @@ class ScoreJournal:
             self._write(",".join(self.columns) + "\n")
             return pd.DataFrame(columns=self.columns)
         rows = pd.read_csv(self.file, dtype=str, keep_default_na=False)
+        if list(rows.columns) == [c for c in self.columns if c not in self.optional]:
+            self.columns = list(rows.columns)
         if list(rows.columns) != self.columns:
             raise ScoringStateError(
                 f"{self.file} was written with other columns ({', '.join(rows.columns)}), e.g. with heat maps "

@@ -45,7 +45,6 @@ from tasks.runtime.interrupt import raise_if_stopping, stop_on_signal
 from tasks.serving.dicom_results import DICOM_HEATMAP, DICOM_SR, NOT_DICOM, DicomOutput
 from tasks.serving.journal import (
     INPUT_DIGEST,
-    JOURNAL_CSV,
     KEY,
     MODEL_URI,
     MODEL_VERSION,
@@ -119,18 +118,6 @@ def _pseudonym(file: Path, salt: str) -> str:
         return ""
 
 
-def _as_earlier_runs_wrote(out_dir: Path, columns: list[str]) -> list[str]:
-    """Folders begun before image folders and DICOM directories had a `group` column go on without
-    one, so an upgrade never refuses to resume or extend them."""
-    journal = out_dir / JOURNAL_CSV
-    if not journal.is_file():
-        return columns
-    with open(journal, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split(",")
-    without_group = [c for c in columns if c != GROUP]
-    return without_group if header == without_group else columns
-
-
 def _is_image_file(file: Path) -> bool:
     return file.name not in _NOT_IMAGES and not file.name.startswith(".") and is_image_file(file)
 
@@ -193,16 +180,16 @@ def score_inputs(
     columns = [PATH, SCORE, IS_ANOMALY, THRESHOLD, *([LABEL] if LABEL in inputs else []), GROUP, *([HEATMAP] if heatmaps else []),
                *([DICOM_SR, DICOM_HEATMAP] if dicom else []), ERROR, MODEL_URI, MODEL_VERSION, INPUT_DIGEST]
     with output_lock(out_dir), stop_on_signal():
-        journal = ScoreJournal(out_dir, _as_earlier_runs_wrote(out_dir, columns), model, repr(scorer.threshold))
-        columns = journal.columns
+        journal = ScoreJournal(out_dir, columns, model, repr(scorer.threshold), optional=frozenset({GROUP}))
         done = journal.read()
+        columns = journal.columns
         _refuse_foreign_scores(out_dir / SCORES_CSV, model)
         todo = inputs[~row_keys(inputs).isin(set(row_keys(done)))].reset_index(drop=True)
         if len(todo) < len(inputs):
             print(f"resuming {out_dir}: {len(inputs) - len(todo)} of {len(inputs)} files already scored by version {model.version}")
         fresh = _score_todo(model, scorer, todo, _Outputs(out_dir, heatmaps, dicom), journal, chunk_size)
         results = _in_input_order(inputs, pd.concat([done, fresh.astype(str)], ignore_index=True), columns)
-        if GROUP in columns and LABEL not in inputs:  # journaled rows hold an earlier run's pseudonyms
+        if GROUP in columns:  # this run's groups: journaled rows may hold an earlier run's pseudonyms
             results[GROUP] = inputs[GROUP].to_numpy()
         csv = out_dir / SCORES_CSV
         _write_atomically(results, csv)
